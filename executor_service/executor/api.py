@@ -1,0 +1,186 @@
+"""The executor's HTTP API: ``POST /execute``, ``GET /models``, ``GET /ready``."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, Response, current_app, g, jsonify, request
+from flask_smorest import Blueprint
+
+from ..config import Settings
+from ..errors import ModelTimeout, NotReady, ProviderError, UnknownModel
+from ..observability import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
+from .admission import Admission
+from .catalog import Catalog
+from .providers import Call, ProviderFailure, ProviderTimeout
+from .schemas import ExecuteRequestSchema, ExecuteResponseSchema, ModelListSchema
+
+logger = logging.getLogger(__name__)
+
+blp = Blueprint("executor", __name__, description="Run one model call synchronously.")
+
+
+@dataclass
+class ExecutorState:
+    """What the executor routes need, kept in ``app.extensions["executor"]``."""
+
+    settings: Settings
+    catalog: Catalog
+    admission: Admission
+    draining: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def state() -> ExecutorState:
+    return current_app.extensions["executor"]  # type: ignore[no-any-return]
+
+
+def _request_id(body: dict[str, Any]) -> str:
+    rid = body.get("request_id") or request.headers.get("X-Request-ID", "")
+    return rid if rid and len(rid) <= 128 else uuid.uuid4().hex
+
+
+@blp.route("/execute", methods=["POST"])
+@blp.arguments(ExecuteRequestSchema)
+@blp.response(200, ExecuteResponseSchema)
+@blp.alt_response(404, description="unknown_model")
+@blp.alt_response(503, description="overloaded: retry after Retry-After seconds")
+@blp.alt_response(504, description="model_timeout")
+@blp.alt_response(502, description="provider_error")
+def execute(body: dict[str, Any]) -> dict[str, Any]:
+    """Run one model call and answer with its output, usage and timing."""
+    started = g.started
+    st = state()
+    g.request_id = _request_id(body)
+    model = body["model"]
+    if model not in st.catalog:
+        raise UnknownModel(
+            f"model {model!r} is not in the catalog",
+            details={"model": model, "available": st.catalog.names()},
+        )
+    g.model = model
+    settings = st.settings
+    budget = min(body["timeout_s"] or settings.timeout_cap_s, settings.timeout_cap_s)
+    messages = body.get("messages") or [{"role": "user", "content": body["prompt"]}]
+    with st.admission.slot():
+        provider = st.catalog.provider(model)
+        call = Call(
+            messages=messages,
+            max_tokens=body["max_tokens"],
+            temperature=body["temperature"],
+            seed=body["seed"],
+            deadline=time.monotonic() + budget,
+            request_id=g.request_id,
+        )
+        model_started = time.monotonic()
+        try:
+            completion = provider.complete(call)
+        except ProviderTimeout as exc:
+            raise ModelTimeout(
+                f"model {model!r} did not answer within {budget:g} s",
+                details={"timeout_s": budget, "reason": str(exc)},
+            ) from None
+        except ProviderFailure as exc:
+            headers = {}
+            details: dict[str, Any] = {"provider": provider.kind, "provider_status": exc.status}
+            if exc.retry_after_s is not None:
+                details["retry_after_s"] = exc.retry_after_s
+                headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+            raise ProviderError(
+                f"provider {provider.kind} failed: {exc.message}", details=details, headers=headers
+            ) from None
+        finally:
+            MODEL_SECONDS.labels(model).observe(time.monotonic() - model_started)
+    finished = time.monotonic()
+    g.model_ms = (finished - model_started) * 1000
+    return {
+        "request_id": g.request_id,
+        "model": model,
+        "provider": provider.kind,
+        "region": settings.region,
+        "replica": settings.replica,
+        "output": completion.output,
+        "finish_reason": completion.finish_reason,
+        "usage": {
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+        },
+        "timing": {
+            "queue_ms": round((model_started - started) * 1000, 3),
+            "model_ms": round(g.model_ms, 3),
+            "total_ms": round((finished - started) * 1000, 3),
+        },
+    }
+
+
+@blp.route("/models", methods=["GET"])
+@blp.response(200, ModelListSchema)
+def models() -> dict[str, Any]:
+    """The models this replica serves."""
+    st = state()
+    loaded = set(st.catalog._providers)
+    return {
+        "region": st.settings.region,
+        "models": [
+            {
+                "name": e.name,
+                "provider": e.provider,
+                "description": e.description,
+                "loaded": e.name in loaded,
+            }
+            for e in st.catalog.entries.values()
+        ],
+    }
+
+
+@blp.route("/ready", methods=["GET"])
+@blp.response(200)
+@blp.alt_response(503, description="not_ready: models loading or draining")
+def ready() -> dict[str, Any]:
+    """Ready when every model is loaded in this worker and it is not draining."""
+    st = state()
+    if st.draining:
+        raise NotReady("draining: finishing in-flight calls", details={"draining": True})
+    if not st.catalog.loaded:
+        st.catalog.load_all()
+    return {"status": "ready", "region": st.settings.region, "models": st.catalog.names()}
+
+
+def _observe(response: Response) -> Response:
+    if request.endpoint != "executor.execute":
+        return response
+    model = g.get("model", "unknown")
+    total = time.monotonic() - g.started
+    REQUESTS.labels(model, str(response.status_code)).inc()
+    REQUEST_SECONDS.labels(model).observe(total)
+    rid = g.get("request_id")
+    if rid:
+        response.headers["X-Request-ID"] = rid
+    logger.info(
+        "execute",
+        extra={
+            "request_id": rid,
+            "model": model,
+            "status": response.status_code,
+            "total_ms": round(total * 1000, 3),
+            "model_ms": round(g.get("model_ms", 0.0), 3),
+            "tenant": g.get("tenant"),
+        },
+    )
+    return response
+
+
+def init_app(app: Flask, settings: Settings, api: Any) -> None:
+    catalog = Catalog.load(settings.catalog_path)
+    limit = settings.max_in_flight or 8
+    app.extensions["executor"] = ExecutorState(
+        settings=settings, catalog=catalog, admission=Admission(limit, settings.retry_after_s)
+    )
+    app.after_request(_observe)
+    api.register_blueprint(blp)
+
+

@@ -1,0 +1,78 @@
+"""The one small interface every model provider implements.
+
+A provider turns a :class:`Call` into a :class:`Completion` or raises one of
+the two provider exceptions below; the executor API maps them to 504 and 502.
+Anything else a provider raises is a bug: it becomes a 500 and goes to Sentry.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Call:
+    """One model call, already validated. ``deadline`` is on the ``time.monotonic`` clock."""
+
+    messages: list[dict[str, str]]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int | None = None
+    deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)
+    request_id: str = ""
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (may be negative)."""
+        return self.deadline - time.monotonic()
+
+
+@dataclass(frozen=True)
+class Completion:
+    output: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ProviderTimeout(Exception):
+    """The provider did not answer before the call's deadline."""
+
+
+class ProviderFailure(Exception):
+    """The provider answered with an error (HTTP status when there is one)."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class Provider(ABC):
+    """A model backend. One instance per model per worker process."""
+
+    #: the provider's name as written in the catalog (``llama_cpp``, ``openai``, ``simulated``)
+    kind: str = ""
+
+    def __init__(self, model: str, options: dict[str, Any]) -> None:
+        self.model = model
+        self.options = options
+
+    def load(self) -> None:  # noqa: B027 - optional hook
+        """Prepare for calls (load weights, open sessions). Called once per worker process."""
+
+    @property
+    def loaded(self) -> bool:
+        return True
+
+    @abstractmethod
+    def complete(self, call: Call) -> Completion:
+        """Run the call; raise ProviderTimeout or ProviderFailure on the expected failures."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
