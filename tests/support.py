@@ -1,0 +1,140 @@
+"""Helpers shared by the tests: free ports, waiting on a condition, real gunicorn servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+GUNICORN_CONFIG = "python:executor_service.gunicorn_config"
+EXECUTOR_APP = "executor_service:create_app()"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception as exc:  # the condition may raise while a server starts
+            last_exc = exc
+        else:
+            if value:
+                return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what or predicate}: {last_exc}")
+
+
+def write_catalog(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write a catalog TOML with the given model tables."""
+    lines: list[str] = []
+    for name, table in models.items():
+        lines.append(f'[models."{name}"]')
+        for key, value in table.items():
+            if isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            elif isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            else:
+                lines.append(f"{key} = {value}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Gunicorn:
+    """A real gunicorn serving the executor on a free loopback port, started and stopped by tests."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        env: Mapping[str, str] | None = None,
+        app: str = EXECUTOR_APP,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tmp = tmp
+        self.app = app
+        self.startup_timeout = startup_timeout
+        metrics_dir = tmp / f"metrics-{self.port}"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "GUNICORN_ACCESSLOG": "",
+            "ES_LOG_LEVEL": "warning",
+            "ES_REGION": "test-region",
+            **(env or {}),
+        }
+        self.log_path = tmp / f"gunicorn-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Gunicorn:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, self.app],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(self._ready, self.startup_timeout, what=f"gunicorn on {self.url}")
+        except TimeoutError:
+            self.stop()
+            raise TimeoutError(f"gunicorn did not start; log:\n{self.log()}") from None
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+        return requests.get(self.url + "/ready", timeout=2).status_code == 200
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the gunicorn workers (children of the master)."""
+        assert self.proc is not None
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
+        ).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def __enter__(self) -> Gunicorn:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
