@@ -2,7 +2,8 @@
 every value can be overridden from the environment.
 
     PORT (8000), HOST (0.0.0.0), WEB_CONCURRENCY (workers, 4), GUNICORN_THREADS (2),
-    GUNICORN_WORKER_CLASS (gthread | gevent), GUNICORN_WORKER_CONNECTIONS (1000),
+    GUNICORN_WORKER_CLASS (gthread | gevent),
+    GUNICORN_WORKER_CONNECTIONS (gthread: the thread count; gevent: 1000),
     GUNICORN_TIMEOUT (60), GUNICORN_GRACEFUL_TIMEOUT (30), GUNICORN_KEEPALIVE (5),
     GUNICORN_MAX_REQUESTS (1000), GUNICORN_MAX_REQUESTS_JITTER (100), GUNICORN_BACKLOG (2048),
     GUNICORN_ACCESSLOG ("-" = stdout; "" turns it off), GUNICORN_LOGLEVEL (info).
@@ -33,7 +34,13 @@ threads = _int("GUNICORN_THREADS", 2)
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
 if worker_class not in {"gthread", "gevent"}:
     sys.exit(f"GUNICORN_WORKER_CLASS={worker_class!r}: expected gthread or gevent")
-worker_connections = _int("GUNICORN_WORKER_CONNECTIONS", 1000)
+# gthread: a worker accepts only the connections it can run now, so a busy worker
+# leaves new ones to idle workers instead of queueing them behind its own calls
+# (with the default 1000, one worker took 3 calls while three workers idled).
+# This turns HTTP keep-alive off under gthread; gevent keeps 1000.
+worker_connections = _int(
+    "GUNICORN_WORKER_CONNECTIONS", threads if worker_class == "gthread" else 1000
+)
 timeout = _int("GUNICORN_TIMEOUT", 60)
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
 keepalive = _int("GUNICORN_KEEPALIVE", 5)
@@ -43,7 +50,7 @@ backlog = _int("GUNICORN_BACKLOG", 2048)
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-") or None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms pid=%(p)s request_id=%({x-request-id}o)s'
 # Workers import the app after the fork: each gets its own model instance.
 preload_app = False
 

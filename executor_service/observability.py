@@ -139,7 +139,6 @@ def init_sentry(settings: Settings, transport: Any = None) -> bool:
         "dsn": settings.sentry_dsn,
         "environment": settings.sentry_environment,
         "integrations": [FlaskIntegration()],
-        "send_default_pii": False,
         # Request bodies and frame locals hold prompts; keep them out by default.
         "max_request_body_size": "medium" if allow else "never",
         "include_local_variables": allow,

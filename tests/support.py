@@ -90,14 +90,15 @@ class Gunicorn:
         }
         self.log_path = tmp / f"gunicorn-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
 
     def start(self) -> Gunicorn:
-        log = self.log_path.open("wb")
+        self._log_file = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, self.app],
             cwd=REPO,
             env=self.env,
-            stdout=log,
+            stdout=self._log_file,
             stderr=subprocess.STDOUT,
         )
         try:
@@ -124,14 +125,19 @@ class Gunicorn:
         return [int(p) for p in out.split()]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+            if self.proc is None or self.proc.poll() is not None:
+                return None if self.proc is None else self.proc.returncode
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait(10)
+        finally:
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
 
     def __enter__(self) -> Gunicorn:
         return self.start()

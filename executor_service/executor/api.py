@@ -8,7 +8,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, Response, current_app, g, jsonify, request
+import sentry_sdk
+from flask import Flask, Response, current_app, g, request
 from flask_smorest import Blueprint
 
 from ..config import Settings
@@ -63,6 +64,7 @@ def execute(body: dict[str, Any]) -> dict[str, Any]:
             details={"model": model, "available": st.catalog.names()},
         )
     g.model = model
+    sentry_sdk.set_tag("model", model)
     settings = st.settings
     budget = min(body["timeout_s"] or settings.timeout_cap_s, settings.timeout_cap_s)
     messages = body.get("messages") or [{"role": "user", "content": body["prompt"]}]

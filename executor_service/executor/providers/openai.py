@@ -1,0 +1,306 @@
+"""The ``openai`` provider: any OpenAI-compatible chat completions endpoint.
+
+Ollama, vLLM, the llama.cpp server, OpenAI and Azure OpenAI all answer
+``POST .../chat/completions`` with the same JSON shape; this provider sends
+one such request per call over a pooled ``requests.Session``.
+
+Options (catalog keys):
+    base_url          the API root, e.g. ``http://127.0.0.1:8080/v1`` (required)
+    remote_model      the model name sent upstream (default: the catalog name);
+                      for ``api_style = "azure"`` it is the deployment name
+    api_key_env       the NAME of the environment variable holding the key; the
+                      key itself never appears in the catalog, a log or an error
+    api_style         ``openai`` (``Authorization: Bearer``, the default) or
+                      ``azure`` (``api-key`` header, deployment in the path)
+    api_version       Azure ``api-version`` query parameter (default below)
+    connect_timeout_s seconds to open a connection (default 3)
+    pool_size         connections kept open to the endpoint (default 16)
+    extra_headers     a table of headers added to every request
+
+Failures map onto the provider interface: the deadline passing while waiting
+for the answer is :class:`ProviderTimeout`; an unreachable endpoint, an HTTP
+error or an unreadable answer is :class:`ProviderFailure`. There are no
+retries here: retrying (with backoff, honouring Retry-After) is the
+dispatcher's job, and a hidden retry would spend the caller's deadline twice.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from ...config import ConfigError
+from .base import Call, Completion, Provider, ProviderFailure, ProviderTimeout
+
+logger = logging.getLogger(__name__)
+
+API_STYLES = ("openai", "azure")
+# A GA Azure OpenAI data-plane version; override per model with `api_version`.
+DEFAULT_AZURE_API_VERSION = "2024-10-21"
+# Enough of an upstream error message to diagnose it, short enough for a log line.
+EXCERPT_CHARS = 200
+KNOWN_OPTIONS = frozenset(
+    {
+        "base_url",
+        "remote_model",
+        "api_key_env",
+        "api_style",
+        "api_version",
+        "connect_timeout_s",
+        "pool_size",
+        "extra_headers",
+    }
+)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date; None if absent
+    or unreadable. ``now`` is a Unix time (default: the current time)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is always GMT
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def _error_excerpt(response: requests.Response) -> str:
+    """The upstream's own error message if the body has one, else the start of the body."""
+    text = response.text or ""
+    message: Any = None
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+        elif isinstance(error, str):  # Ollama: {"error": "..."}
+            message = error
+        if message is None:
+            message = body.get("message") or body.get("detail")
+    if not isinstance(message, str) or not message.strip():
+        message = text
+    message = " ".join(message.split())
+    if len(message) > EXCERPT_CHARS:
+        message = message[: EXCERPT_CHARS - 3] + "..."
+    return message or "(empty body)"
+
+
+class OpenAIProvider(Provider):
+    """Chat completions over HTTP. Thread-safe and gevent-friendly: requests' pooled
+    session is shared by every call of this worker process."""
+
+    kind = "openai"
+
+    def __init__(self, model: str, options: dict[str, Any]) -> None:
+        super().__init__(model, options)
+        base_url = options.get("base_url")
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"openai model {model!r}: base_url must be an http(s) URL")
+        self.base_url = base_url.rstrip("/")
+        self.remote_model = str(options.get("remote_model") or model)
+        self.api_style = str(options.get("api_style", "openai"))
+        if self.api_style not in API_STYLES:
+            raise ConfigError(
+                f"openai model {model!r}: api_style must be one of {', '.join(API_STYLES)}"
+            )
+        self.api_version = str(options.get("api_version", DEFAULT_AZURE_API_VERSION))
+        self.api_key_env = options.get("api_key_env")
+        if self.api_key_env is not None and not isinstance(self.api_key_env, str):
+            raise ConfigError(f"openai model {model!r}: api_key_env must be a variable name")
+        try:
+            self.connect_timeout_s = float(options.get("connect_timeout_s", 3.0))
+            self.pool_size = int(options.get("pool_size", 16))
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"openai model {model!r}: connect_timeout_s and pool_size must be numbers"
+            ) from None
+        if self.connect_timeout_s <= 0 or self.pool_size <= 0:
+            raise ConfigError(
+                f"openai model {model!r}: connect_timeout_s and pool_size must be > 0"
+            )
+        extra = options.get("extra_headers", {})
+        if not isinstance(extra, dict):
+            raise ConfigError(f"openai model {model!r}: extra_headers must be a table")
+        self.extra_headers = {str(k): str(v) for k, v in extra.items()}
+        unknown = sorted(set(options) - KNOWN_OPTIONS)
+        if unknown:
+            logger.warning(
+                "openai model %r: ignoring unknown options %s", model, ", ".join(unknown)
+            )
+        if self.api_style == "azure":
+            self.url = f"{self.base_url}/openai/deployments/{self.remote_model}/chat/completions"
+            self.params: dict[str, str] = {"api-version": self.api_version}
+        else:
+            self.url = f"{self.base_url}/chat/completions"
+            self.params = {}
+        self._api_key: str | None = None
+        self._session: requests.Session | None = None
+
+    def load(self) -> None:
+        """Read the key from the environment and open the pooled session."""
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env, "")
+            if not key:
+                raise ConfigError(
+                    f"openai model {self.model!r}: environment variable {self.api_key_env} "
+                    "(api_key_env) is not set"
+                )
+            self._api_key = key
+        session = requests.Session()
+        # One pool for this endpoint; no urllib3 retries (the dispatcher retries).
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self.pool_size, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers.update({"Accept": "application/json", **self.extra_headers})
+        if self._api_key:
+            if self.api_style == "azure":
+                session.headers["api-key"] = self._api_key
+            else:
+                session.headers["Authorization"] = f"Bearer {self._api_key}"
+        self._session = session
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def _redact(self, text: str) -> str:
+        """Never let the key reach an error message, even if the upstream echoes it."""
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return text
+
+    def _payload(self, call: Call) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "messages": call.messages,
+            "max_tokens": call.max_tokens,
+            "temperature": call.temperature,
+        }
+        if self.api_style == "openai":  # Azure takes the model from the deployment in the URL
+            payload["model"] = self.remote_model
+        if call.seed is not None:
+            payload["seed"] = call.seed
+        return payload
+
+    def complete(self, call: Call) -> Completion:
+        if self._session is None:
+            self.load()
+        session = self._session
+        assert session is not None
+        remaining = call.remaining()
+        if remaining <= 0:
+            raise ProviderTimeout("the deadline passed before the request was sent")
+        headers = {"X-Request-ID": call.request_id} if call.request_id else None
+        connect_timeout = min(self.connect_timeout_s, remaining)
+        try:
+            # The read timeout bounds each wait for bytes; a non-streaming answer arrives
+            # all at once at the end, so this is the deadline for the whole answer.
+            response = session.post(
+                self.url,
+                params=self.params,
+                json=self._payload(call),
+                headers=headers,
+                timeout=(connect_timeout, remaining),
+                # A redirect would turn the POST into a GET and could carry the key elsewhere.
+                allow_redirects=False,
+            )
+        except requests.ConnectTimeout:
+            # ConnectTimeout is both a Timeout and a ConnectionError: it is the deadline
+            # only if the deadline (not connect_timeout_s) bounded the attempt.
+            if connect_timeout < self.connect_timeout_s:
+                raise ProviderTimeout(
+                    f"no connection to {self.base_url} before the deadline"
+                ) from None
+            raise ProviderFailure(
+                f"cannot connect to {self.base_url}: no connection within "
+                f"{self.connect_timeout_s:g} s"
+            ) from None
+        except requests.Timeout:
+            raise ProviderTimeout(
+                f"{self.base_url} did not answer within {remaining:.3g} s"
+            ) from None
+        except requests.ConnectionError as exc:
+            logger.warning("openai %s: connection failed: %s", self.model, type(exc).__name__)
+            raise ProviderFailure(f"cannot connect to {self.base_url}") from None
+        except requests.RequestException as exc:
+            raise ProviderFailure(
+                f"request to {self.base_url} failed: {type(exc).__name__}"
+            ) from None
+        with response:
+            if response.status_code != 200:
+                raise self._http_failure(response)
+            return self._parse(response)
+
+    def _http_failure(self, response: requests.Response) -> ProviderFailure:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        if retry_after is None:
+            # Azure OpenAI and OpenAI also send milliseconds.
+            ms = parse_retry_after(response.headers.get("retry-after-ms"))
+            retry_after = ms / 1000 if ms is not None else None
+        excerpt = self._redact(_error_excerpt(response))
+        return ProviderFailure(
+            f"upstream answered HTTP {response.status_code}: {excerpt}",
+            status=response.status_code,
+            retry_after_s=retry_after,
+        )
+
+    def _parse(self, response: requests.Response) -> Completion:
+        try:
+            body = response.json()
+        except ValueError:
+            raise ProviderFailure(
+                f"malformed answer from {self.base_url}: not JSON "
+                f"({self._redact(_error_excerpt(response))})"
+            ) from None
+        try:
+            choice = body["choices"][0]
+            content = choice["message"].get("content")
+            finish_reason = choice.get("finish_reason") or "stop"
+            usage = body.get("usage") or {}
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise ProviderFailure(
+                f"malformed answer from {self.base_url}: no choices[0].message "
+                f"({type(exc).__name__})"
+            ) from None
+        if content is None:  # e.g. a content filter stopped it; the finish_reason says why
+            content = ""
+        if not isinstance(content, str) or not isinstance(finish_reason, str):
+            raise ProviderFailure(
+                f"malformed answer from {self.base_url}: content or finish_reason is not a string"
+            )
+        return Completion(
+            output=content,
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )

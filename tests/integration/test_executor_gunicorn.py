@@ -1,0 +1,176 @@
+"""The executor under real gunicorn processes on loopback: concurrency, admission,
+the error contract over HTTP, worker crashes, metrics across workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from support import GUNICORN_CONFIG, REPO, Gunicorn, free_port, wait_until, write_catalog
+
+pytestmark = pytest.mark.slow
+
+MODELS = {
+    "sim-1s": {"provider": "simulated", "latency_s": 1.0},
+    "sim-fast": {"provider": "simulated", "latency_s": 0.01},
+}
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_catalog(tmp_path_factory.mktemp("catalog") / "catalog.toml", MODELS)
+
+
+def execute(url: str, model: str = "sim-1s", **extra: Any) -> requests.Response:
+    body = {"model": model, "prompt": "What is 2+2?", **extra}
+    return requests.post(url + "/execute", json=body, timeout=30)
+
+
+def concurrent(url: str, n: int, model: str = "sim-1s") -> tuple[list[requests.Response], float]:
+    started = time.monotonic()
+    with ThreadPoolExecutor(n) as pool:
+        responses = list(pool.map(lambda _: execute(url, model), range(n)))
+    return responses, time.monotonic() - started
+
+
+def metric_value(url: str, name: str, headers: dict[str, str] | None = None) -> float:
+    text = requests.get(url + "/metrics", headers=headers, timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def server_4x2(catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("g4x2")
+    env = {"ES_CATALOG": str(catalog), "WEB_CONCURRENCY": "4", "GUNICORN_THREADS": "2",
+           "GUNICORN_ACCESSLOG": "-"}
+    with Gunicorn(tmp, env) as server:
+        yield server
+
+
+def test_three_concurrent_calls_run_in_parallel(server_4x2: Gunicorn) -> None:
+    responses, elapsed = concurrent(server_4x2.url, 3)
+    assert [r.status_code for r in responses] == [200] * 3
+    assert elapsed < 1.9, f"3 calls of 1 s took {elapsed:.2f} s: they did not run in parallel"
+
+
+def test_sixteen_concurrent_calls_all_finish_eight_at_a_time(server_4x2: Gunicorn) -> None:
+    responses, elapsed = concurrent(server_4x2.url, 16)
+    assert [r.status_code for r in responses] == [200] * 16
+    # 16 one-second calls on 8 slots need two rounds: never less than 2 s (so at most
+    # 8 ran at once), and nothing hangs (gunicorn may balance unevenly: a generous bound).
+    assert elapsed >= 1.95, f"16 calls finished in {elapsed:.2f} s: more than 8 ran at once"
+    assert elapsed < 8, f"16 calls took {elapsed:.2f} s"
+
+
+def test_metrics_add_up_across_workers(server_4x2: Gunicorn) -> None:
+    before = metric_value(server_4x2.url, "executor_requests_total")
+    n = 40
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: execute(server_4x2.url, "sim-fast").status_code, range(n)))
+    assert codes == [200] * n
+    after = metric_value(server_4x2.url, "executor_requests_total")
+    assert after - before == n
+    pids = set(re.findall(r'"POST /execute HTTP/1.1" 200 \d+ \d+ms pid=<(\d+)>', server_4x2.log()))
+    assert len(pids) >= 2, "requests were not spread over several workers"
+    assert metric_value(server_4x2.url, "executor_request_seconds_count") >= n
+
+
+def test_admission_limit_answers_503_at_once(catalog: Path, tmp_path: Path) -> None:
+    env = {"ES_CATALOG": str(catalog), "WEB_CONCURRENCY": "1", "GUNICORN_THREADS": "4",
+           "ES_MAX_IN_FLIGHT": "2"}
+    with Gunicorn(tmp_path, env) as server, ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(execute, server.url, "sim-1s") for _ in range(2)]
+        wait_until(lambda: metric_value(server.url, "executor_in_flight") == 2, 5,
+                   what="two calls in flight")
+        started = time.monotonic()
+        r = execute(server.url, "sim-fast")
+        elapsed = time.monotonic() - started
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "overloaded"
+        assert r.headers["Retry-After"] == "1"
+        assert elapsed < 0.5, f"the 503 took {elapsed:.3f} s"
+        assert [f.result().status_code for f in running] == [200, 200]
+        assert metric_value(server.url, "executor_admission_rejections_total") == 1
+
+
+def test_gevent_worker_holds_many_calls(catalog: Path, tmp_path: Path) -> None:
+    env = {"ES_CATALOG": str(catalog), "WEB_CONCURRENCY": "1", "GUNICORN_WORKER_CLASS": "gevent"}
+    with Gunicorn(tmp_path, env) as server:
+        responses, elapsed = concurrent(server.url, 40)
+    assert [r.status_code for r in responses] == [200] * 40
+    assert elapsed < 4, f"40 calls of 1 s on one gevent worker took {elapsed:.2f} s"
+
+
+def test_error_contract_over_http(catalog: Path, tmp_path: Path) -> None:
+    env = {"ES_CATALOG": str(catalog), "WEB_CONCURRENCY": "1", "ES_API_KEYS": "t1:key-1"}
+    auth = {"Authorization": "Bearer key-1"}
+    with Gunicorn(tmp_path, env) as server:
+        url = server.url + "/execute"
+
+        def err(r: requests.Response) -> tuple[int, str]:
+            body = r.json()
+            assert set(body["error"]) == {"code", "message", "details"}
+            return r.status_code, body["error"]["code"]
+
+        assert err(requests.post(url, json={"model": "sim-fast", "prompt": "x"})) == (401, "unauthorized")
+        assert err(requests.post(url, data="{", headers={**auth, "Content-Type": "application/json"})) == (400, "invalid_json")
+        assert err(requests.post(url, json={"model": "gpt-x", "prompt": "x"}, headers=auth)) == (404, "unknown_model")
+        assert err(requests.post(url, json={"model": "sim-fast", "prompt": ""}, headers=auth)) == (422, "validation_error")
+        assert err(requests.post(url, json={"model": "sim-1s", "prompt": "x", "timeout_s": 0.1}, headers=auth)) == (504, "model_timeout")
+        big = json.dumps({"model": "sim-fast", "prompt": "x" * (2 * 1024 * 1024)})
+        r = requests.post(url, data=big, headers={**auth, "Content-Type": "application/json"})
+        assert err(r) == (413, "payload_too_large")
+        ok = requests.post(url, json={"model": "sim-fast", "prompt": "x"}, headers=auth)
+        assert ok.status_code == 200 and ok.json()["region"] == "test-region"
+        assert requests.get(server.url + "/health").status_code == 200
+
+
+def test_killed_worker_is_replaced_and_service_keeps_answering(catalog: Path, tmp_path: Path) -> None:
+    env = {"ES_CATALOG": str(catalog), "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "2"}
+    with Gunicorn(tmp_path, env) as server:
+        before = set(server.worker_pids())
+        assert len(before) == 2
+        with ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(execute, server.url, "sim-1s") for _ in range(4)]
+            victim = sorted(before)[0]
+            os.kill(victim, signal.SIGKILL)
+            # requests on the killed worker may fail; none may hang
+            for f in in_flight:
+                try:
+                    f.result(timeout=30)
+                except requests.RequestException:
+                    pass
+        wait_until(lambda: len(set(server.worker_pids()) - {victim}) == 2, 30,
+                   what="gunicorn to replace the killed worker")
+        assert victim not in server.worker_pids()
+        wait_until(lambda: requests.get(server.url + "/ready", timeout=2).status_code == 200, 30)
+        responses, _ = concurrent(server.url, 6, "sim-fast")
+        assert [r.status_code for r in responses] == [200] * 6
+
+
+def test_refuses_open_public_bind_without_keys(catalog: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "ES_CATALOG": str(catalog), "HOST": "0.0.0.0", "PORT": str(free_port()),
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    env.pop("ES_API_KEYS", None)
+    env.pop("ES_ALLOW_OPEN", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, "executor_service:create_app()"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "ES_ALLOW_OPEN" in proc.stdout + proc.stderr
