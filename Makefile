@@ -1,0 +1,61 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs what it needs (llama-cpp-python compiles from
+# source the first time, about 4 minutes on 2 cores; pip caches the wheel).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= local,server,postgres,loadtest,deploy-check,dev
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint format loadtest capacity soak bench postgres clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## demo: three local regional executors (real SmolLM2), a dispatcher on SQLite, one job
+demo: install
+	$(VENV)/bin/executor-service demo
+
+## test: the whole suite (unit, integration on real PostgreSQL and gunicorn, acceptance)
+test: install postgres
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest tests/unit -q
+
+postgres:
+	@bash scripts/ensure-postgres.sh
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy executor_service
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+## loadtest: gunicorn + simulated model on loopback, locust headless, thresholds
+loadtest: install
+	$(PY) loadtests/run.py $(LOADTEST_ARGS)
+
+capacity: install
+	$(PY) loadtests/capacity.py
+
+soak: install
+	$(PY) loadtests/soak.py
+
+bench: install
+	$(PY) bench/executor_overhead.py
+	$(PY) bench/executor_concurrency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache loadtests/reports
