@@ -38,9 +38,7 @@ def base_app(
         OPENAPI_SWAGGER_UI_PATH="docs",
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
         API_SPEC_OPTIONS={
-            "components": {
-                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
-            },
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
             "security": [{"bearer": []}],
         },
     )

@@ -31,7 +31,14 @@ def _serve(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             env[name] = str(value)
-    argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, "executor_service:create_app()"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-c",
+        GUNICORN_CONFIG,
+        "executor_service:create_app()",
+    ]
     os.execvpe(sys.executable, argv, env)
     return 0  # not reached
 

@@ -129,8 +129,50 @@ class Settings:
         default=100_000, metadata={"env": "ES_MAX_JOB_EXECUTIONS", "parse": _positive_int}
     )
     # Fairness: at most this many executions per tenant per claim cycle.
-    tenant_batch: int = field(default=20, metadata={"env": "ES_TENANT_BATCH", "parse": _positive_int})
+    tenant_batch: int = field(
+        default=20, metadata={"env": "ES_TENANT_BATCH", "parse": _positive_int}
+    )
     lease_s: float = field(default=30.0, metadata={"env": "ES_LEASE_S", "parse": _positive_float})
+    # Dispatcher runtime. Job size: questions per job (each question runs once per
+    # model and region, so this bounds the request body and the results page).
+    max_job_questions: int = field(
+        default=10_000, metadata={"env": "ES_MAX_JOB_QUESTIONS", "parse": _positive_int}
+    )
+    # Retry backoff: base * 2**(attempt-1), capped, with jitter (full spreads a
+    # burst of failures the most; equal keeps at least half the delay).
+    backoff_base_s: float = field(
+        default=1.0, metadata={"env": "ES_BACKOFF_BASE_S", "parse": _positive_float}
+    )
+    backoff_max_s: float = field(
+        default=60.0, metadata={"env": "ES_BACKOFF_MAX_S", "parse": _positive_float}
+    )
+    backoff_jitter: str = field(
+        default="full",
+        metadata={"env": "ES_BACKOFF_JITTER", "parse": _choice("full", "equal", "none")},
+    )
+    # Circuit breaker per region: open after this many consecutive failures, stop
+    # claiming for the cool-down, then let one probe call through (half-open).
+    circuit_threshold: int = field(
+        default=5, metadata={"env": "ES_CIRCUIT_THRESHOLD", "parse": _positive_int}
+    )
+    circuit_cooldown_s: float = field(
+        default=30.0, metadata={"env": "ES_CIRCUIT_COOLDOWN_S", "parse": _positive_float}
+    )
+    # How often an idle region asks the store for work submitted by another
+    # process; local completions and due retries wake it at once.
+    claim_poll_s: float = field(
+        default=0.1, metadata={"env": "ES_CLAIM_POLL_S", "parse": _positive_float}
+    )
+    # On SIGTERM, in-flight calls get this long to finish before their leases
+    # are released for another worker.
+    shutdown_grace_s: float = field(
+        default=30.0, metadata={"env": "ES_SHUTDOWN_GRACE_S", "parse": _positive_float}
+    )
+    # Where the CLI (submit, status, results) finds the dispatcher API, and its key.
+    dispatcher_url: str = field(
+        default="http://127.0.0.1:8100", metadata={"env": "ES_DISPATCHER_URL"}
+    )
+    dispatcher_key: str = field(default="", metadata={"env": "ES_DISPATCHER_KEY"})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from typing import Any
 
 
 def _int(name: str, default: int) -> int:
@@ -66,7 +67,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 _METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
-def on_starting(server):  # type: ignore[no-untyped-def]
+def on_starting(server: Any) -> None:
     """Start from empty metric files and refuse an open, non-loopback bind."""
     if os.path.isdir(_METRICS_DIR):
         for name in os.listdir(_METRICS_DIR):
@@ -82,7 +83,7 @@ def on_starting(server):  # type: ignore[no-untyped-def]
         sys.exit(1)
 
 
-def post_worker_init(worker):  # type: ignore[no-untyped-def]
+def post_worker_init(worker: Any) -> None:
     """Load every model now, so a worker is ready before it takes traffic, and mark
     the worker as draining on SIGTERM so /ready turns 503 while in-flight calls finish."""
     app = worker.wsgi
@@ -92,7 +93,7 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     state.catalog.load_all()
     previous = signal.getsignal(signal.SIGTERM)
 
-    def _drain(signum, frame):  # type: ignore[no-untyped-def]
+    def _drain(signum: int, frame: Any) -> None:
         state.draining = True
         if callable(previous):
             previous(signum, frame)
@@ -100,13 +101,13 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     signal.signal(signal.SIGTERM, _drain)
 
 
-def child_exit(server, worker):  # type: ignore[no-untyped-def]
+def child_exit(server: Any, worker: Any) -> None:
     """A dead worker's live gauges must stop counting."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
 
 
-def on_exit(server):  # type: ignore[no-untyped-def]
+def on_exit(server: Any) -> None:
     if _METRICS_DIR.startswith(tempfile.gettempdir()) and "executor-metrics-" in _METRICS_DIR:
         shutil.rmtree(_METRICS_DIR, ignore_errors=True)

@@ -39,16 +39,18 @@ REQUESTS = Counter(
     "executor_requests_total", "Requests to /execute by model and HTTP status.", ["model", "status"]
 )
 REQUEST_SECONDS = Histogram(
-    "executor_request_seconds", "Total time of /execute requests.", ["model"],
+    "executor_request_seconds",
+    "Total time of /execute requests.",
+    ["model"],
     buckets=LATENCY_BUCKETS,
 )
 MODEL_SECONDS = Histogram(
-    "executor_model_seconds", "Time spent inside the model provider.", ["model"],
+    "executor_model_seconds",
+    "Time spent inside the model provider.",
+    ["model"],
     buckets=LATENCY_BUCKETS,
 )
-IN_FLIGHT = Gauge(
-    "executor_in_flight", "Model calls in flight.", multiprocess_mode="livesum"
-)
+IN_FLIGHT = Gauge("executor_in_flight", "Model calls in flight.", multiprocess_mode="livesum")
 ADMISSION_REJECTIONS = Counter(
     "executor_admission_rejections_total", "Requests answered 503 because the process was full."
 )
@@ -108,9 +110,7 @@ def metrics_response() -> Response:
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, dict):
-        return {
-            k: ("[scrubbed]" if k in SENSITIVE_KEYS else _scrub(v)) for k, v in value.items()
-        }
+        return {k: ("[scrubbed]" if k in SENSITIVE_KEYS else _scrub(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub(v) for v in value]
     return value

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from support import write_catalog
 
 from executor_service import create_app
 from executor_service.config import Settings
-from support import write_catalog
 
 SIMULATED_MODELS = {
     "sim": {"provider": "simulated", "latency_s": 0.0},

@@ -62,7 +62,7 @@ def write_catalog(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:
 
 
 class Gunicorn:
-    """A real gunicorn serving the executor on a free loopback port, started and stopped by tests."""
+    """A real gunicorn serving an app on a free loopback port, started and stopped by tests."""
 
     def __init__(
         self,

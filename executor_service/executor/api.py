@@ -37,7 +37,8 @@ class ExecutorState:
 
 
 def state() -> ExecutorState:
-    return current_app.extensions["executor"]  # type: ignore[no-any-return]
+    st: ExecutorState = current_app.extensions["executor"]
+    return st
 
 
 def _request_id(body: dict[str, Any]) -> str:
@@ -184,5 +185,3 @@ def init_app(app: Flask, settings: Settings, api: Any) -> None:
     )
     app.after_request(_observe)
     api.register_blueprint(blp)
-
-

@@ -3,6 +3,7 @@ the error contract over HTTP, worker crashes, metrics across workers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,7 +17,6 @@ from typing import Any
 
 import pytest
 import requests
-
 from support import GUNICORN_CONFIG, REPO, Gunicorn, free_port, wait_until, write_catalog
 
 pytestmark = pytest.mark.slow
@@ -56,8 +56,12 @@ def metric_value(url: str, name: str, headers: dict[str, str] | None = None) -> 
 @pytest.fixture(scope="module")
 def server_4x2(catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("g4x2")
-    env = {"ES_CATALOG": str(catalog), "WEB_CONCURRENCY": "4", "GUNICORN_THREADS": "2",
-           "GUNICORN_ACCESSLOG": "-"}
+    env = {
+        "ES_CATALOG": str(catalog),
+        "WEB_CONCURRENCY": "4",
+        "GUNICORN_THREADS": "2",
+        "GUNICORN_ACCESSLOG": "-",
+    }
     with Gunicorn(tmp, env) as server:
         yield server
 
@@ -91,12 +95,19 @@ def test_metrics_add_up_across_workers(server_4x2: Gunicorn) -> None:
 
 
 def test_admission_limit_answers_503_at_once(catalog: Path, tmp_path: Path) -> None:
-    env = {"ES_CATALOG": str(catalog), "WEB_CONCURRENCY": "1", "GUNICORN_THREADS": "4",
-           "ES_MAX_IN_FLIGHT": "2"}
+    env = {
+        "ES_CATALOG": str(catalog),
+        "WEB_CONCURRENCY": "1",
+        "GUNICORN_THREADS": "4",
+        "ES_MAX_IN_FLIGHT": "2",
+    }
     with Gunicorn(tmp_path, env) as server, ThreadPoolExecutor(2) as pool:
         running = [pool.submit(execute, server.url, "sim-1s") for _ in range(2)]
-        wait_until(lambda: metric_value(server.url, "executor_in_flight") == 2, 5,
-                   what="two calls in flight")
+        wait_until(
+            lambda: metric_value(server.url, "executor_in_flight") == 2,
+            5,
+            what="two calls in flight",
+        )
         started = time.monotonic()
         r = execute(server.url, "sim-fast")
         elapsed = time.monotonic() - started
@@ -127,11 +138,26 @@ def test_error_contract_over_http(catalog: Path, tmp_path: Path) -> None:
             assert set(body["error"]) == {"code", "message", "details"}
             return r.status_code, body["error"]["code"]
 
-        assert err(requests.post(url, json={"model": "sim-fast", "prompt": "x"})) == (401, "unauthorized")
-        assert err(requests.post(url, data="{", headers={**auth, "Content-Type": "application/json"})) == (400, "invalid_json")
-        assert err(requests.post(url, json={"model": "gpt-x", "prompt": "x"}, headers=auth)) == (404, "unknown_model")
-        assert err(requests.post(url, json={"model": "sim-fast", "prompt": ""}, headers=auth)) == (422, "validation_error")
-        assert err(requests.post(url, json={"model": "sim-1s", "prompt": "x", "timeout_s": 0.1}, headers=auth)) == (504, "model_timeout")
+        assert err(requests.post(url, json={"model": "sim-fast", "prompt": "x"})) == (
+            401,
+            "unauthorized",
+        )
+        assert err(
+            requests.post(url, data="{", headers={**auth, "Content-Type": "application/json"})
+        ) == (400, "invalid_json")
+        assert err(requests.post(url, json={"model": "gpt-x", "prompt": "x"}, headers=auth)) == (
+            404,
+            "unknown_model",
+        )
+        assert err(requests.post(url, json={"model": "sim-fast", "prompt": ""}, headers=auth)) == (
+            422,
+            "validation_error",
+        )
+        assert err(
+            requests.post(
+                url, json={"model": "sim-1s", "prompt": "x", "timeout_s": 0.1}, headers=auth
+            )
+        ) == (504, "model_timeout")
         big = json.dumps({"model": "sim-fast", "prompt": "x" * (2 * 1024 * 1024)})
         r = requests.post(url, data=big, headers={**auth, "Content-Type": "application/json"})
         assert err(r) == (413, "payload_too_large")
@@ -140,7 +166,9 @@ def test_error_contract_over_http(catalog: Path, tmp_path: Path) -> None:
         assert requests.get(server.url + "/health").status_code == 200
 
 
-def test_killed_worker_is_replaced_and_service_keeps_answering(catalog: Path, tmp_path: Path) -> None:
+def test_killed_worker_is_replaced_and_service_keeps_answering(
+    catalog: Path, tmp_path: Path
+) -> None:
     env = {"ES_CATALOG": str(catalog), "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "2"}
     with Gunicorn(tmp_path, env) as server:
         before = set(server.worker_pids())
@@ -151,12 +179,13 @@ def test_killed_worker_is_replaced_and_service_keeps_answering(catalog: Path, tm
             os.kill(victim, signal.SIGKILL)
             # requests on the killed worker may fail; none may hang
             for f in in_flight:
-                try:
+                with contextlib.suppress(requests.RequestException):
                     f.result(timeout=30)
-                except requests.RequestException:
-                    pass
-        wait_until(lambda: len(set(server.worker_pids()) - {victim}) == 2, 30,
-                   what="gunicorn to replace the killed worker")
+        wait_until(
+            lambda: len(set(server.worker_pids()) - {victim}) == 2,
+            30,
+            what="gunicorn to replace the killed worker",
+        )
         assert victim not in server.worker_pids()
         wait_until(lambda: requests.get(server.url + "/ready", timeout=2).status_code == 200, 30)
         responses, _ = concurrent(server.url, 6, "sim-fast")
@@ -164,13 +193,22 @@ def test_killed_worker_is_replaced_and_service_keeps_answering(catalog: Path, tm
 
 
 def test_refuses_open_public_bind_without_keys(catalog: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "ES_CATALOG": str(catalog), "HOST": "0.0.0.0", "PORT": str(free_port()),
-           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "ES_CATALOG": str(catalog),
+        "HOST": "0.0.0.0",
+        "PORT": str(free_port()),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }
     env.pop("ES_API_KEYS", None)
     env.pop("ES_ALLOW_OPEN", None)
     proc = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, "executor_service:create_app()"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "ES_ALLOW_OPEN" in proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""scripts/smoke.sh against a real gunicorn: passes on a healthy executor, fails loudly otherwise."""
+"""scripts/smoke.sh against a real gunicorn: passes on a healthy executor, else fails loudly."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from support import REPO, Gunicorn, write_catalog
 
 pytestmark = pytest.mark.slow

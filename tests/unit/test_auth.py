@@ -14,7 +14,9 @@ def test_keyring_maps_keys_to_tenants(tmp_path: Path) -> None:
     keyfile = tmp_path / "keys"
     keyfile.write_text("# comment\nteam-b:kb\n\n")
     ring = KeyRing.from_settings(
-        Settings.from_env(environ={"ES_API_KEYS": "ka, team-c:kc", "ES_API_KEYS_FILE": str(keyfile)})
+        Settings.from_env(
+            environ={"ES_API_KEYS": "ka, team-c:kc", "ES_API_KEYS_FILE": str(keyfile)}
+        )
     )
     assert ring.tenant_for("ka") == "default"
     assert ring.tenant_for("kb") == "team-b"

@@ -23,16 +23,28 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
 
 
 def test_execute_answers_with_the_contract_fields(client: FlaskClient) -> None:
-    r = client.post("/execute", json={"model": "sim", "prompt": "What is 2+2?", "request_id": "abc"})
+    r = client.post(
+        "/execute", json={"model": "sim", "prompt": "What is 2+2?", "request_id": "abc"}
+    )
     assert r.status_code == 200
     body = r.get_json()
     assert set(body) == {
-        "request_id", "model", "provider", "region", "replica", "output",
-        "finish_reason", "usage", "timing",
+        "request_id",
+        "model",
+        "provider",
+        "region",
+        "replica",
+        "output",
+        "finish_reason",
+        "usage",
+        "timing",
     }
     assert body["request_id"] == "abc" == r.headers["X-Request-ID"]
     assert (body["model"], body["provider"], body["region"], body["replica"]) == (
-        "sim", "simulated", "unit", "r1",
+        "sim",
+        "simulated",
+        "unit",
+        "r1",
     )
     assert body["output"] == "simulated answer to: What is 2+2?"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6}
@@ -62,7 +74,9 @@ def test_invalid_json_is_400(client: FlaskClient) -> None:
 
 
 def test_unknown_model_is_404_and_lists_the_catalog(client: FlaskClient) -> None:
-    err = assert_error(client.post("/execute", json={"model": "gpt-9", "prompt": "x"}), 404, "unknown_model")
+    err = assert_error(
+        client.post("/execute", json={"model": "gpt-9", "prompt": "x"}), 404, "unknown_model"
+    )
     assert err["details"]["model"] == "gpt-9"
     assert "sim" in err["details"]["available"]
 
@@ -72,7 +86,10 @@ def test_unknown_model_is_404_and_lists_the_catalog(client: FlaskClient) -> None
     [
         ({"prompt": "x"}, "model"),
         ({"model": "sim"}, "_schema"),
-        ({"model": "sim", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "_schema"),
+        (
+            {"model": "sim", "prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+            "_schema",
+        ),
         ({"model": "sim", "prompt": ""}, "prompt"),
         ({"model": "sim", "prompt": "x" * 32_001}, "prompt"),
         ({"model": "sim", "prompt": "x", "max_tokens": 0}, "max_tokens"),
@@ -87,7 +104,9 @@ def test_unknown_model_is_404_and_lists_the_catalog(client: FlaskClient) -> None
         ({"model": 42, "prompt": "x"}, "model"),
     ],
 )
-def test_validation_errors_name_the_field(client: FlaskClient, body: dict[str, Any], field: str) -> None:
+def test_validation_errors_name_the_field(
+    client: FlaskClient, body: dict[str, Any], field: str
+) -> None:
     err = assert_error(client.post("/execute", json=body), 422, "validation_error")
     assert field in err["details"], err
 
@@ -98,11 +117,15 @@ def test_a_json_array_body_is_a_validation_error(client: FlaskClient) -> None:
 
 def test_body_over_the_limit_is_413(client: FlaskClient) -> None:
     big = json.dumps({"model": "sim", "prompt": "x" * (2 * 1024 * 1024)})
-    assert_error(client.post("/execute", data=big, content_type="application/json"), 413, "payload_too_large")
+    assert_error(
+        client.post("/execute", data=big, content_type="application/json"), 413, "payload_too_large"
+    )
 
 
 def test_provider_failure_is_502_with_provider_status(client: FlaskClient) -> None:
-    err = assert_error(client.post("/execute", json={"model": "sim-5xx", "prompt": "x"}), 502, "provider_error")
+    err = assert_error(
+        client.post("/execute", json={"model": "sim-5xx", "prompt": "x"}), 502, "provider_error"
+    )
     assert err["details"] == {"provider": "simulated", "provider_status": 500}
 
 
@@ -129,7 +152,9 @@ def test_client_timeout_is_capped_by_the_server(catalog_path: Any) -> None:
     )
     c = create_app({"TESTING": True}, settings=settings).test_client()
     err = assert_error(
-        c.post("/execute", json={"model": "sim-slow", "prompt": "x", "timeout_s": 30}), 504, "model_timeout"
+        c.post("/execute", json={"model": "sim-slow", "prompt": "x", "timeout_s": 30}),
+        504,
+        "model_timeout",
     )
     assert err["details"]["timeout_s"] == 0.05
 

@@ -1,4 +1,4 @@
-"""Model providers: ``llama_cpp`` (local GGUF), ``openai`` (any compatible endpoint), ``simulated``."""
+"""Model providers: ``llama_cpp`` (local GGUF), ``openai`` (compatible endpoints), ``simulated``."""
 
 from __future__ import annotations
 
