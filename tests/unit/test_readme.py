@@ -1,0 +1,24 @@
+"""The README documents every setting the code reads."""
+
+from __future__ import annotations
+
+import re
+
+from executor_service.config import Settings
+from support import REPO
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in Settings().env_names() if f"`{name}`" not in readme]
+    assert missing == []
+
+
+def test_every_gunicorn_variable_is_in_the_readme() -> None:
+    readme = (REPO / "README.md").read_text()
+    source = (REPO / "executor_service" / "gunicorn_config.py").read_text()
+    names = set(re.findall(r'_int\("([A-Z_]+)"', source))
+    names |= set(re.findall(r'os\.environ\.get\("([A-Z_]+)"', source))
+    assert {"PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS"} <= names
+    missing = sorted(n for n in names if n not in readme)
+    assert missing == []
