@@ -212,3 +212,19 @@ def test_refuses_open_public_bind_without_keys(catalog: Path, tmp_path: Path) ->
     )
     assert proc.returncode != 0
     assert "ES_ALLOW_OPEN" in proc.stdout + proc.stderr
+
+
+def test_sigterm_lets_in_flight_calls_finish(catalog: Path, tmp_path: Path) -> None:
+    env = {"ES_CATALOG": str(catalog), "WEB_CONCURRENCY": "1", "GUNICORN_THREADS": "2"}
+    server = Gunicorn(tmp_path, env).start()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(execute, server.url, "sim-1s")
+            wait_until(lambda: metric_value(server.url, "executor_in_flight") == 1, 5)
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGTERM)
+            response = call.result(timeout=30)
+        assert response.status_code == 200
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
