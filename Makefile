@@ -16,6 +16,10 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	# checkov's pins clash with pytest and python-hcl2: it gets a venv of its own
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install --quiet 'checkov>=3.2,<4'
+	ln -sf ../checkov/bin/checkov $(VENV)/bin/checkov
 	touch $(STAMP)
 
 install: $(STAMP)
