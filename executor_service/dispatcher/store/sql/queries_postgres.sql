@@ -1,0 +1,215 @@
+-- Named queries of the PostgreSQL store, loaded by name (procrastinate style).
+-- Each block starts with "-- name: <name>"; parameters are %(name)s.
+-- States are literals (never parameters) so the planner can use the partial indexes.
+
+-- name: insert_job
+-- ON CONFLICT waits for a concurrent insert of the same key to commit or abort.
+INSERT INTO jobs (id, tenant, idempotency_key, request_hash, failover, max_attempts, priority,
+                  questions, models, regions_by_model, params, total, created_at)
+VALUES (%(id)s, %(tenant)s, %(idempotency_key)s, %(request_hash)s, %(failover)s,
+        %(max_attempts)s, %(priority)s, %(questions)s, %(models)s, %(regions_by_model)s,
+        %(params)s, %(total)s, %(now)s)
+ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING *;
+
+-- name: job_by_key
+SELECT * FROM jobs WHERE tenant = %(tenant)s AND idempotency_key = %(idempotency_key)s;
+
+-- name: get_job
+SELECT * FROM jobs WHERE id = %(id)s AND tenant = %(tenant)s;
+
+-- name: job_counts
+SELECT requested_region, state, count(*) AS n FROM executions
+WHERE job_id = %(job_id)s GROUP BY requested_region, state;
+
+-- name: list_executions
+-- COLLATE "C": the same order as SQLite (code points), whatever the database locale.
+SELECT * FROM executions WHERE job_id = %(job_id)s
+ORDER BY question_index, model COLLATE "C", requested_region COLLATE "C", id;
+
+-- name: list_attempts
+SELECT a.* FROM attempts a JOIN executions e ON e.id = a.execution_id
+WHERE e.job_id = %(job_id)s ORDER BY a.execution_id, a.number;
+
+-- name: cancel_job
+-- The job row first: fail/release/reap lock it too, before the execution row.
+UPDATE jobs SET cancelled = true WHERE id = %(job_id)s AND tenant = %(tenant)s;
+
+-- name: cancel_executions
+UPDATE executions SET state = 'cancelled', finished_at = %(now)s
+WHERE job_id = %(job_id)s AND state IN ('queued', 'retry_wait');
+
+-- name: job_unfinished
+SELECT 1 FROM executions
+WHERE job_id = %(job_id)s AND state IN ('queued', 'leased', 'retry_wait') LIMIT 1;
+
+-- name: lock_region
+-- Held until commit: "count the leases, then lease" is atomic across processes.
+SELECT pg_advisory_xact_lock(%(namespace)s::integer, hashtext(%(region)s));
+
+-- name: count_leased
+SELECT count(*) AS n FROM executions WHERE state = 'leased' AND executed_region = %(region)s;
+
+-- name: global_retries
+-- Another region's failures this region may take over, oldest failure first.
+SELECT id FROM executions
+WHERE state = 'retry_wait' AND failover = 'any' AND due_at <= %(now)s
+  AND last_region <> %(region)s AND model = ANY(%(models)s::text[])
+ORDER BY failed_at, id LIMIT %(n)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: own_retry_candidates
+-- Two index range scans (requested here; failed here and free to move), merged.
+-- Not locked here: one OR query with FOR UPDATE lets the planner read every
+-- waiting retry of the region (and worse, before statistics exist).
+SELECT id FROM (
+    (SELECT id, due_at FROM executions
+     WHERE state = 'retry_wait' AND due_at <= %(now)s AND requested_region = %(region)s
+       AND model = ANY(%(models)s::text[]) AND NOT (id = ANY(%(taken)s::bigint[]))
+     ORDER BY due_at, id LIMIT %(n)s)
+    UNION ALL
+    (SELECT id, due_at FROM executions
+     WHERE state = 'retry_wait' AND due_at <= %(now)s AND failover = 'any'
+       AND last_region = %(region)s AND requested_region <> %(region)s
+       AND model = ANY(%(models)s::text[]) AND NOT (id = ANY(%(taken)s::bigint[]))
+     ORDER BY due_at, id LIMIT %(n)s)) AS candidates
+ORDER BY due_at, id LIMIT %(n)s;
+
+-- name: lock_candidates
+-- Lock each candidate by primary key, in order, skipping those another claimer holds.
+-- The state and due time are re-checked on a row changed since it was read (READ
+-- COMMITTED), so a retry another region has just taken is skipped, not taken twice.
+SELECT c.id FROM unnest(%(candidates)s::bigint[]) WITH ORDINALITY AS c(id, ord)
+CROSS JOIN LATERAL (
+    SELECT e.id FROM executions e
+    WHERE e.id = c.id AND e.state = 'retry_wait' AND e.due_at <= %(now)s
+    FOR UPDATE SKIP LOCKED) AS locked
+ORDER BY c.ord;
+
+-- name: queued_tenants
+-- A loose index scan: one index probe per tenant, however long each tenant's queue.
+WITH RECURSIVE t(tenant) AS (
+    SELECT (SELECT tenant FROM executions
+            WHERE state = 'queued' AND requested_region = %(region)s
+            ORDER BY tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT e.tenant FROM executions e
+            WHERE e.state = 'queued' AND e.requested_region = %(region)s AND e.tenant > t.tenant
+            ORDER BY e.tenant LIMIT 1)
+    FROM t WHERE t.tenant IS NOT NULL)
+SELECT tenant FROM t WHERE tenant IS NOT NULL;
+
+-- name: leased_by_tenant
+SELECT tenant, count(*) AS n FROM executions
+WHERE state = 'leased' AND executed_region = %(region)s GROUP BY tenant;
+
+-- name: tenant_new_work
+SELECT id FROM executions
+WHERE state = 'queued' AND requested_region = %(region)s AND tenant = %(tenant)s
+  AND model = ANY(%(models)s::text[])
+ORDER BY priority DESC, job_created_at, job_id, question_index, id LIMIT %(n)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: lease
+UPDATE executions AS e
+SET state = 'leased', attempts = e.attempts + 1, lease_token = v.token,
+    lease_expires_at = %(expires)s, leased_by = %(worker)s, leased_at = %(now)s,
+    executed_region = %(region)s, claimed_from = v.source
+FROM unnest(%(ids)s::bigint[], %(tokens)s::text[], %(sources)s::text[]) AS v(id, token, source)
+WHERE e.id = v.id
+RETURNING e.id, e.job_id, e.tenant, e.question_index, e.question, e.model,
+          e.requested_region, e.attempts, e.max_attempts, e.failover;
+
+-- name: job_params
+SELECT id, params FROM jobs WHERE id = ANY(%(job_ids)s::text[]);
+
+-- name: heartbeat
+UPDATE executions AS e SET lease_expires_at = %(expires)s
+FROM unnest(%(ids)s::bigint[], %(tokens)s::text[]) AS v(id, token)
+WHERE e.id = v.id AND e.lease_token = v.token AND e.state = 'leased'
+RETURNING e.id;
+
+-- name: complete
+UPDATE executions
+SET state = 'succeeded', output = %(output)s, result = %(result)s, finished_at = %(now)s,
+    lease_expires_at = NULL
+WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased'
+RETURNING attempts, executed_region;
+
+-- name: insert_attempt
+INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
+VALUES (%(id)s, %(number)s, %(region)s, %(started_at)s, %(now)s, %(ok)s, %(error)s);
+
+-- name: lock_job_of_lease
+-- FOR SHARE on the job before the execution: a concurrent cancel_job waits, or is waited for.
+SELECT j.cancelled FROM executions e JOIN jobs j ON j.id = e.job_id
+WHERE e.id = %(id)s AND e.lease_token = %(token)s AND e.state = 'leased'
+FOR SHARE OF j;
+
+-- name: fail
+UPDATE executions
+SET state = %(state)s, due_at = %(due_at)s, failed_at = %(now)s, last_region = executed_region,
+    last_error = %(error)s, lease_expires_at = NULL, finished_at = %(finished_at)s
+WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased'
+RETURNING attempts, executed_region;
+
+-- name: release
+-- Back to the queue it was claimed from, as if never claimed: the attempt is given back.
+UPDATE executions
+SET state = CASE WHEN %(cancelled)s THEN 'cancelled'
+                 WHEN claimed_from = 'new' THEN 'queued' ELSE 'retry_wait' END,
+    finished_at = CASE WHEN %(cancelled)s THEN %(now)s END,
+    due_at = CASE WHEN claimed_from = 'new' THEN NULL ELSE %(now)s END,
+    executed_region = CASE WHEN claimed_from = 'new' THEN NULL ELSE last_region END,
+    attempts = attempts - 1, lease_token = NULL, lease_expires_at = NULL,
+    leased_by = NULL, leased_at = NULL, claimed_from = NULL
+WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased';
+
+-- name: expired_jobs
+SELECT DISTINCT job_id FROM executions WHERE state = 'leased' AND lease_expires_at < %(now)s;
+
+-- name: lock_jobs
+-- Jobs before executions, in a stable order: the lock order cancel_job uses.
+SELECT id, cancelled FROM jobs WHERE id = ANY(%(job_ids)s::text[]) ORDER BY id FOR SHARE;
+
+-- name: reap
+WITH expired AS (
+    SELECT id, job_id = ANY(%(cancelled)s::text[]) AS cancelled,
+           job_id = ANY(%(cancelled)s::text[]) OR attempts >= max_attempts AS final
+    FROM executions
+    WHERE state = 'leased' AND lease_expires_at < %(now)s AND job_id = ANY(%(job_ids)s::text[])
+    FOR UPDATE SKIP LOCKED
+), reaped AS (
+    UPDATE executions e
+    SET state = CASE WHEN x.cancelled THEN 'cancelled'
+                     WHEN x.final THEN 'dead' ELSE 'retry_wait' END,
+        finished_at = CASE WHEN x.final THEN %(now)s END,
+        due_at = CASE WHEN x.final THEN NULL ELSE %(due_at)s END,
+        failed_at = %(now)s, last_region = e.executed_region, last_error = %(error)s,
+        lease_expires_at = NULL
+    FROM expired x WHERE e.id = x.id
+    RETURNING e.id, e.attempts, e.executed_region, e.leased_at
+)
+INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
+SELECT id, attempts, executed_region, leased_at, %(now)s, false, %(error)s FROM reaped;
+
+-- name: set_circuit
+INSERT INTO regions (name, circuit, open_until) VALUES (%(region)s, %(state)s, %(open_until)s)
+ON CONFLICT (name) DO UPDATE SET circuit = excluded.circuit, open_until = excluded.open_until;
+
+-- name: queue_totals
+SELECT (SELECT count(*) FROM executions
+        WHERE state = 'retry_wait' AND failover = 'any') AS global_retry,
+       (SELECT count(*) FROM executions WHERE state = 'dead') AS dead;
+
+-- name: queue_regions
+SELECT r.name,
+       (SELECT count(*) FROM executions
+        WHERE state = 'queued' AND requested_region = r.name) AS queued,
+       (SELECT count(*) FROM executions
+        WHERE state = 'retry_wait'
+          AND (requested_region = r.name OR last_region = r.name)) AS retry_wait,
+       (SELECT count(*) FROM executions
+        WHERE state = 'leased' AND executed_region = r.name) AS in_flight,
+       coalesce(c.circuit, 'closed') AS circuit, c.open_until
+FROM unnest(%(regions)s::text[]) AS r(name) LEFT JOIN regions c ON c.name = r.name;

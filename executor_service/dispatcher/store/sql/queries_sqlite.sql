@@ -1,0 +1,186 @@
+-- Named queries of the SQLite store, loaded by name (procrastinate style).
+-- Each block starts with "-- name: <name>"; parameters are :name, and lists are
+-- passed as JSON arrays read with json_each. States are literals (never
+-- parameters): SQLite only uses a partial index when the query repeats its WHERE.
+
+-- name: job_by_key
+SELECT * FROM jobs WHERE tenant = :tenant AND idempotency_key = :idempotency_key;
+
+-- name: insert_job
+INSERT INTO jobs (id, tenant, idempotency_key, request_hash, failover, max_attempts, priority,
+                  questions, models, regions_by_model, params, total, created_at, cancelled)
+VALUES (:id, :tenant, :idempotency_key, :request_hash, :failover, :max_attempts, :priority,
+        :questions, :models, :regions_by_model, :params, :total, :now, 0)
+RETURNING *;
+
+-- name: get_job
+SELECT * FROM jobs WHERE id = :id AND tenant = :tenant;
+
+-- name: job_counts
+SELECT requested_region, state, count(*) AS n FROM executions
+WHERE job_id = :job_id GROUP BY requested_region, state;
+
+-- name: list_executions
+SELECT * FROM executions WHERE job_id = :job_id
+ORDER BY question_index, model, requested_region, id;
+
+-- name: list_attempts
+SELECT a.* FROM attempts a JOIN executions e ON e.id = a.execution_id
+WHERE e.job_id = :job_id ORDER BY a.execution_id, a.number;
+
+-- name: cancel_job
+UPDATE jobs SET cancelled = 1 WHERE id = :job_id AND tenant = :tenant;
+
+-- name: cancel_executions
+UPDATE executions SET state = 'cancelled', finished_at = :now
+WHERE job_id = :job_id AND state IN ('queued', 'retry_wait');
+
+-- name: job_unfinished
+SELECT 1 FROM executions
+WHERE job_id = :job_id AND state IN ('queued', 'leased', 'retry_wait') LIMIT 1;
+
+-- name: count_leased
+SELECT count(*) AS n FROM executions WHERE state = 'leased' AND executed_region = :region;
+
+-- name: global_retries
+-- Another region's failures this region may take over, oldest failure first.
+SELECT id FROM executions
+WHERE state = 'retry_wait' AND failover = 'any' AND due_at <= :now AND last_region <> :region
+  AND model IN (SELECT value FROM json_each(:models))
+ORDER BY failed_at, id LIMIT :n;
+
+-- name: own_retries
+-- Two index range scans (requested here; failed here and free to move), merged.
+SELECT id FROM (
+    SELECT * FROM (
+        SELECT id, due_at FROM executions
+        WHERE state = 'retry_wait' AND requested_region = :region AND due_at <= :now
+          AND model IN (SELECT value FROM json_each(:models))
+          AND id NOT IN (SELECT value FROM json_each(:taken))
+        ORDER BY due_at, id LIMIT :n)
+    UNION ALL
+    SELECT * FROM (
+        SELECT id, due_at FROM executions
+        WHERE state = 'retry_wait' AND last_region = :region AND due_at <= :now
+          AND failover = 'any' AND requested_region <> :region
+          AND model IN (SELECT value FROM json_each(:models))
+          AND id NOT IN (SELECT value FROM json_each(:taken))
+        ORDER BY due_at, id LIMIT :n))
+ORDER BY due_at, id LIMIT :n;
+
+-- name: queued_tenants
+-- A loose index scan: one index probe per tenant, however long each tenant's queue.
+WITH RECURSIVE t(tenant) AS (
+    SELECT (SELECT tenant FROM executions
+            WHERE state = 'queued' AND requested_region = :region
+            ORDER BY tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT e.tenant FROM executions e
+            WHERE e.state = 'queued' AND e.requested_region = :region AND e.tenant > t.tenant
+            ORDER BY e.tenant LIMIT 1)
+    FROM t WHERE t.tenant IS NOT NULL)
+SELECT tenant FROM t WHERE tenant IS NOT NULL;
+
+-- name: leased_by_tenant
+SELECT tenant, count(*) AS n FROM executions
+WHERE state = 'leased' AND executed_region = :region GROUP BY tenant;
+
+-- name: tenant_new_work
+SELECT id FROM executions
+WHERE state = 'queued' AND requested_region = :region AND tenant = :tenant
+  AND model IN (SELECT value FROM json_each(:models))
+ORDER BY priority DESC, job_created_at, job_id, question_index, id LIMIT :n;
+
+-- name: lease
+UPDATE executions
+SET state = 'leased', attempts = attempts + 1, lease_token = :token,
+    lease_expires_at = :expires, leased_by = :worker, leased_at = :now,
+    executed_region = :region, claimed_from = :source
+WHERE id = :id
+RETURNING id, job_id, tenant, question_index, question, model, requested_region, attempts,
+          max_attempts, failover;
+
+-- name: job_params
+SELECT id, params FROM jobs WHERE id IN (SELECT value FROM json_each(:job_ids));
+
+-- name: heartbeat
+UPDATE executions SET lease_expires_at = :expires
+WHERE id = :id AND lease_token = :token AND state = 'leased';
+
+-- name: complete
+UPDATE executions
+SET state = 'succeeded', output = :output, result = :result, finished_at = :now,
+    lease_expires_at = NULL
+WHERE id = :id AND lease_token = :token AND state = 'leased'
+RETURNING attempts, executed_region;
+
+-- name: insert_attempt
+INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
+VALUES (:id, :number, :region, :started_at, :now, :ok, :error);
+
+-- name: fail
+-- :retry_at NULL dead-letters; a failure in a cancelled job is final, not retried.
+UPDATE executions
+SET state = CASE WHEN :retry_at IS NULL THEN 'dead'
+                 WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN 'cancelled'
+                 ELSE 'retry_wait' END,
+    finished_at = CASE WHEN :retry_at IS NULL
+                         OR (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN :now END,
+    due_at = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN NULL
+                  ELSE :retry_at END,
+    failed_at = :now, last_region = executed_region,
+    last_error = :error, lease_expires_at = NULL
+WHERE id = :id AND lease_token = :token AND state = 'leased'
+RETURNING attempts, executed_region;
+
+-- name: release
+-- Back to the queue it was claimed from, as if never claimed: the attempt is given back.
+UPDATE executions
+SET state = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN 'cancelled'
+                 WHEN claimed_from = 'new' THEN 'queued' ELSE 'retry_wait' END,
+    finished_at = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN :now END,
+    due_at = CASE WHEN claimed_from = 'new' THEN NULL ELSE :now END,
+    executed_region = CASE WHEN claimed_from = 'new' THEN NULL ELSE last_region END,
+    attempts = attempts - 1, lease_token = NULL, lease_expires_at = NULL,
+    leased_by = NULL, leased_at = NULL, claimed_from = NULL
+WHERE id = :id AND lease_token = :token AND state = 'leased';
+
+-- name: reap_attempts
+-- Run just before reap, in the same write transaction: both see the same rows.
+INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
+SELECT id, attempts, executed_region, leased_at, :now, 0, :error
+FROM executions WHERE state = 'leased' AND lease_expires_at < :now;
+
+-- name: reap
+UPDATE executions
+SET state = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN 'cancelled'
+                 WHEN attempts >= max_attempts THEN 'dead' ELSE 'retry_wait' END,
+    finished_at = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id)
+                         OR attempts >= max_attempts THEN :now END,
+    due_at = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id)
+                    OR attempts >= max_attempts THEN NULL ELSE :due_at END,
+    failed_at = :now, last_region = executed_region, last_error = :error,
+    lease_expires_at = NULL
+WHERE state = 'leased' AND lease_expires_at < :now;
+
+-- name: set_circuit
+INSERT INTO regions (name, circuit, open_until) VALUES (:region, :state, :open_until)
+ON CONFLICT (name) DO UPDATE SET circuit = excluded.circuit, open_until = excluded.open_until;
+
+-- name: queue_totals
+-- INDEXED BY: without statistics SQLite would count dead rows by scanning a full index.
+SELECT (SELECT count(*) FROM executions
+        WHERE state = 'retry_wait' AND failover = 'any') AS global_retry,
+       (SELECT count(*) FROM executions INDEXED BY executions_dead
+        WHERE state = 'dead') AS dead;
+
+-- name: queue_region
+SELECT (SELECT count(*) FROM executions
+        WHERE state = 'queued' AND requested_region = :region) AS queued,
+       (SELECT count(*) FROM executions
+        WHERE state = 'retry_wait'
+          AND (requested_region = :region OR last_region = :region)) AS retry_wait,
+       (SELECT count(*) FROM executions
+        WHERE state = 'leased' AND executed_region = :region) AS in_flight,
+       coalesce((SELECT circuit FROM regions WHERE name = :region), 'closed') AS circuit,
+       (SELECT open_until FROM regions WHERE name = :region) AS open_until;

@@ -1,0 +1,627 @@
+"""The dispatcher store's behaviour, one suite run against SQLite and PostgreSQL.
+
+Time is passed in (``now``), so leases expire and retries fall due without
+sleeping. Concurrency tests use several store instances (separate connections,
+as separate dispatcher processes would) hammering one database from threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from store_fixtures import PostgresDatabases, sqlite_url
+
+from executor_service.dispatcher.store import DatabaseURLError, open_store
+from executor_service.dispatcher.store.base import (
+    Claim,
+    Execution,
+    Failover,
+    IdempotencyConflict,
+    NewJob,
+    RegionSpec,
+    State,
+    Store,
+    StoreError,
+)
+
+T0 = 1_000.0
+LEASE_S = 30.0
+R1 = RegionSpec("r1", concurrency=100, models=frozenset({"m1", "m2"}))
+R2 = RegionSpec("r2", concurrency=100, models=frozenset({"m1", "m2"}))
+
+
+@pytest.fixture(scope="session")
+def postgres_databases() -> Iterator[PostgresDatabases]:
+    databases = PostgresDatabases()
+    yield databases
+    databases.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh database of each kind (migrated when opened)."""
+    if request.param == "sqlite":
+        yield sqlite_url(tmp_path)
+        return
+    databases: PostgresDatabases = request.getfixturevalue("postgres_databases")
+    url = databases.create()
+    yield url
+    databases.drop(url)
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """A fresh, migrated store of each kind."""
+    store = open_store(store_url)
+    yield store
+    store.close()
+
+
+def make_job(
+    tenant: str = "acme",
+    questions: int = 2,
+    models: tuple[str, ...] = ("m1",),
+    regions: tuple[str, ...] = ("r1",),
+    **kwargs: object,
+) -> NewJob:
+    return NewJob(
+        tenant=tenant,
+        questions=[f"{tenant} question {i}" for i in range(questions)],
+        models=list(models),
+        regions_by_model={m: list(regions) for m in models},
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def claim(
+    store: Store,
+    region: RegionSpec = R1,
+    limit: int = 100,
+    now: float = T0,
+    tenant_batch: int = 1_000,
+) -> list[Claim]:
+    return store.claim(region, limit, now, LEASE_S, "worker-1", tenant_batch)
+
+
+def execution(store: Store, job_id: str, execution_id: int) -> Execution:
+    return next(e for e in store.executions(job_id) if e.id == execution_id)
+
+
+def fail_in(store: Store, region: RegionSpec, job_id: str, now: float, due: float) -> Claim:
+    """Claim the job's next execution in ``region`` and fail it, to be retried at ``due``;
+    anything else the claim took is released untouched."""
+    claims = claim(store, region, now=now)
+    mine = next(c for c in claims if c.job_id == job_id)
+    for other in claims:
+        if other is not mine:
+            assert store.release(other.execution_id, other.token, now)
+    assert store.fail(mine.execution_id, mine.token, {"code": "provider_error"}, now, now, due)
+    return mine
+
+
+# -- jobs -------------------------------------------------------------------------
+
+
+def test_a_job_expands_into_one_execution_per_question_model_and_region(store: Store) -> None:
+    new = NewJob(
+        tenant="acme",
+        questions=["a?", "b?", "c?"],
+        models=["m1", "m2"],
+        regions_by_model={"m1": ["r1", "r2"], "m2": ["r2"]},
+        params={"max_tokens": 16},
+    )
+    job, created = store.create_job(new, T0)
+
+    assert created and job.total == 9 and job.tenant == "acme" and not job.cancelled
+    assert store.get_job("acme", job.id) == job
+    assert store.job_counts(job.id) == {"r1": {"queued": 3}, "r2": {"queued": 6}}
+    listed = [
+        (e.question_index, e.question, e.model, e.requested_region, e.state, e.attempts)
+        for e in store.executions(job.id)
+    ]
+    assert listed == [
+        (q, text, model, region, State.QUEUED, 0)
+        for q, text in enumerate(["a?", "b?", "c?"])
+        for model, region in [("m1", "r1"), ("m1", "r2"), ("m2", "r2")]
+    ]
+    assert not store.job_finished(job.id)
+
+
+def test_the_same_idempotency_key_and_body_returns_the_same_job(store: Store) -> None:
+    job, created = store.create_job(make_job(idempotency_key="k1", request_hash="h1"), T0)
+    again, created_again = store.create_job(make_job(idempotency_key="k1", request_hash="h1"), T0)
+
+    assert created and not created_again
+    assert again.id == job.id
+    assert store.job_counts(job.id) == {"r1": {"queued": 2}}  # no duplicate executions
+
+
+def test_the_same_idempotency_key_with_another_body_is_a_conflict(store: Store) -> None:
+    store.create_job(make_job(idempotency_key="k1", request_hash="h1"), T0)
+
+    with pytest.raises(IdempotencyConflict):
+        store.create_job(make_job(idempotency_key="k1", request_hash="h2"), T0)
+    other, created = store.create_job(
+        make_job(tenant="globex", idempotency_key="k1", request_hash="h2"), T0
+    )
+    assert created and other.tenant == "globex"  # keys are per tenant
+
+
+def test_another_tenant_can_neither_see_nor_cancel_the_job(store: Store) -> None:
+    job, _ = store.create_job(make_job(tenant="acme"), T0)
+
+    assert store.get_job("globex", job.id) is None
+    assert store.cancel_job("globex", job.id, T0) == 0
+    assert store.job_counts(job.id) == {"r1": {"queued": 2}}
+    owned = store.get_job("acme", job.id)
+    assert owned is not None and not owned.cancelled
+    assert store.get_job("acme", "no-such-job") is None
+
+
+# -- claim order ------------------------------------------------------------------
+
+
+def test_claim_takes_global_retries_then_own_retries_then_new_work(store: Store) -> None:
+    elsewhere, _ = store.create_job(make_job(tenant="a", questions=1, regions=("r2",)), T0)
+    here, _ = store.create_job(make_job(tenant="b", questions=1, regions=("r1",)), T0 + 1)
+    fail_in(store, R2, elsewhere.id, T0 + 2, due=T0 + 5)  # r1 may take it over: global retry
+    fail_in(store, R1, here.id, T0 + 3, due=T0 + 5)  # r1's own retry
+    fresh, _ = store.create_job(make_job(tenant="c", questions=1, regions=("r1",)), T0 + 4)
+
+    claims = claim(store, R1, now=T0 + 5)
+
+    assert [(c.job_id, c.source) for c in claims] == [
+        (elsewhere.id, "global_retry"),
+        (here.id, "own_retry"),
+        (fresh.id, "new"),
+    ]
+    assert [c.attempt for c in claims] == [2, 2, 1]
+    assert all(c.region == "r1" and c.lease_expires_at == T0 + 5 + LEASE_S for c in claims)
+
+
+def test_the_global_retry_queue_serves_the_oldest_failure_first(store: Store) -> None:
+    first, _ = store.create_job(make_job(tenant="a", questions=1, regions=("r2",)), T0)
+    second, _ = store.create_job(make_job(tenant="b", questions=1, regions=("r2",)), T0)
+    fail_in(store, R2, second.id, T0 + 1, due=T0 + 10)
+    fail_in(store, R2, first.id, T0 + 2, due=T0 + 10)
+
+    assert [c.job_id for c in claim(store, R1, limit=1, now=T0 + 10)] == [second.id]
+    assert [c.job_id for c in claim(store, R1, limit=1, now=T0 + 10)] == [first.id]
+
+
+def test_failover_none_retries_only_in_the_requested_region(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1, regions=("r2",), failover=Failover.NONE), T0)
+    fail_in(store, R2, job.id, T0 + 1, due=T0 + 2)
+
+    assert store.queue_stats(T0 + 2, [R1, R2]).global_retry == 0
+    assert claim(store, R1, now=T0 + 2) == []
+    assert [(c.job_id, c.source) for c in claim(store, R2, now=T0 + 2)] == [(job.id, "own_retry")]
+
+
+def test_a_region_never_claims_a_model_it_does_not_serve(store: Store) -> None:
+    only_m1 = RegionSpec("r1", concurrency=10, models=frozenset({"m1"}))
+    r3 = RegionSpec("r3", concurrency=10, models=frozenset({"m2"}))
+    job, _ = store.create_job(make_job(questions=1, models=("m2",), regions=("r1", "r2")), T0)
+    assert claim(store, only_m1) == []  # new work requested in r1 for a model r1 lacks
+
+    fail_in(store, R2, job.id, T0 + 1, due=T0 + 2)
+    assert claim(store, only_m1, now=T0 + 2) == []  # nor its failed-over retry
+    assert [(c.model, c.source) for c in claim(store, r3, now=T0 + 2)] == [("m2", "global_retry")]
+
+
+def test_retries_are_claimed_only_once_due(store: Store) -> None:
+    store.create_job(make_job(questions=1), T0)
+    (c,) = claim(store)
+    assert store.fail(c.execution_id, c.token, {"code": "http_500"}, T0 + 1, T0, T0 + 10)
+
+    assert claim(store, now=T0 + 9.9) == []
+    assert [x.execution_id for x in claim(store, now=T0 + 10)] == [c.execution_id]
+
+
+def test_new_work_is_shared_round_robin_across_tenants(store: Store) -> None:
+    store.create_job(make_job(tenant="a", questions=2_000), T0)
+    store.create_job(make_job(tenant="b", questions=5), T0 + 1)
+
+    claims = claim(store, limit=4, tenant_batch=10)
+
+    assert [(c.tenant, c.question_index) for c in claims] == [
+        ("a", 0),
+        ("b", 0),
+        ("a", 1),
+        ("b", 1),
+    ]
+
+
+def test_tenants_with_fewer_executions_in_flight_go_first(store: Store) -> None:
+    store.create_job(make_job(tenant="a", questions=10), T0)
+    assert len(claim(store, limit=3)) == 3  # a now has 3 in flight in r1
+    store.create_job(make_job(tenant="b", questions=10), T0 + 1)
+
+    claims = claim(store, limit=3, tenant_batch=10)
+
+    assert [c.tenant for c in claims] == ["b", "a", "b"]
+
+
+def test_a_claim_takes_at_most_tenant_batch_new_executions_per_tenant(store: Store) -> None:
+    store.create_job(make_job(tenant="a", questions=10), T0)
+    assert len(claim(store, limit=10, tenant_batch=3)) == 3
+
+    store.create_job(make_job(tenant="b", questions=10), T0)
+    assert Counter(c.tenant for c in claim(store, limit=10, tenant_batch=2)) == {"a": 2, "b": 2}
+
+
+def test_new_work_follows_priority_then_job_age_then_question_order(store: Store) -> None:
+    old, _ = store.create_job(make_job(questions=2), T0)
+    urgent, _ = store.create_job(make_job(questions=2, priority=5), T0 + 2)
+    young, _ = store.create_job(make_job(questions=2), T0 + 1)
+
+    claims = claim(store, limit=6)
+
+    assert [(c.job_id, c.question_index) for c in claims] == [
+        (urgent.id, 0),
+        (urgent.id, 1),
+        (old.id, 0),
+        (old.id, 1),
+        (young.id, 0),
+        (young.id, 1),
+    ]
+
+
+# -- region concurrency -----------------------------------------------------------
+
+
+def test_a_region_is_never_given_more_than_its_concurrency(store: Store) -> None:
+    three = RegionSpec("r1", concurrency=3, models=frozenset({"m1"}))
+    store.create_job(make_job(questions=10, regions=("r1", "r2")), T0)
+    assert len(claim(store, R2, limit=5)) == 5  # leases elsewhere do not count
+
+    first = claim(store, three, limit=10)
+    assert len(first) == 3
+    assert claim(store, three, limit=10) == []
+
+    assert store.complete(first[0].execution_id, first[0].token, {"output": "x"}, T0, T0)
+    assert len(claim(store, three, limit=10)) == 1
+    assert store.queue_stats(T0, [three]).regions[0].in_flight == 3
+
+
+# -- results and fencing ----------------------------------------------------------
+
+
+def test_complete_writes_the_answer_and_the_attempt(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1, params={"max_tokens": 8}), T0)
+    (c,) = claim(store)
+    assert c.params == {"max_tokens": 8} and c.question == "acme question 0"
+    body = {"output": "Paris", "region": "r1", "usage": {"prompt_tokens": 3}}
+
+    assert store.complete(c.execution_id, c.token, body, T0 + 2, T0 + 1)
+
+    e = execution(store, job.id, c.execution_id)
+    assert (e.state, e.output, e.result, e.executed_region) == ("succeeded", "Paris", body, "r1")
+    assert e.finished_at == T0 + 2 and e.attempts == 1
+    assert [
+        (a.number, a.region, a.started_at, a.finished_at, a.ok, a.error) for a in e.attempt_log
+    ] == [(1, "r1", T0 + 1, T0 + 2, True, None)]
+    assert store.job_finished(job.id)
+
+
+def test_a_result_is_written_once(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1), T0)
+    (c,) = claim(store)
+    assert store.complete(c.execution_id, c.token, {"output": "first"}, T0 + 1, T0)
+
+    assert not store.complete(c.execution_id, c.token, {"output": "second"}, T0 + 2, T0)
+    assert not store.fail(c.execution_id, c.token, {"code": "x"}, T0 + 2, T0, T0 + 3)
+    assert not store.release(c.execution_id, c.token, T0 + 2)
+    e = execution(store, job.id, c.execution_id)
+    assert (e.state, e.output, len(e.attempt_log)) == ("succeeded", "first", 1)
+
+
+def test_a_stale_lease_cannot_write_after_it_was_reaped_and_reclaimed(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1), T0)
+    (stale,) = claim(store)
+    assert store.reap_expired(T0 + LEASE_S + 1) == 1
+    (fresh,) = claim(store, now=T0 + LEASE_S + 1)
+    assert fresh.execution_id == stale.execution_id and fresh.token != stale.token
+
+    assert not store.complete(stale.execution_id, stale.token, {"output": "late"}, T0 + 40, T0)
+    assert store.heartbeat([(stale.execution_id, stale.token)], T0 + 40, LEASE_S) == set()
+    assert not store.fail(stale.execution_id, stale.token, {"code": "x"}, T0 + 40, T0, None)
+    assert store.complete(fresh.execution_id, fresh.token, {"output": "ok"}, T0 + 41, T0 + 31)
+
+    e = execution(store, job.id, fresh.execution_id)
+    assert (e.state, e.output, e.attempts) == ("succeeded", "ok", 2)
+    assert [(a.number, a.ok, (a.error or {}).get("code")) for a in e.attempt_log] == [
+        (1, False, "lease_expired"),
+        (2, True, None),
+    ]
+
+
+def test_heartbeat_keeps_a_lease_from_being_reaped(store: Store) -> None:
+    store.create_job(make_job(questions=2), T0)
+    kept, dropped = claim(store)
+
+    held = store.heartbeat(
+        [(kept.execution_id, kept.token), (dropped.execution_id, "not-the-token")], T0 + 20, LEASE_S
+    )
+
+    assert held == {kept.execution_id}
+    assert store.reap_expired(T0 + 40) == 1  # only the one not extended
+    assert store.reap_expired(T0 + 51) == 1
+
+
+# -- failures, reaping, release ---------------------------------------------------
+
+
+def test_fail_without_retry_dead_letters_with_the_last_error(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1), T0)
+    (c,) = claim(store)
+    error = {"code": "http_400", "message": "bad request", "status": 400}
+
+    assert store.fail(c.execution_id, c.token, error, T0 + 1, T0, None)
+
+    e = execution(store, job.id, c.execution_id)
+    assert (e.state, e.last_error, e.finished_at) == ("dead", error, T0 + 1)
+    assert [(a.ok, a.error) for a in e.attempt_log] == [(False, error)]
+    assert store.queue_stats(T0 + 1, [R1]).dead == 1
+    assert store.job_finished(job.id)
+
+
+def test_fail_with_retry_waits_until_due(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1), T0)
+    (c,) = claim(store)
+
+    assert store.fail(c.execution_id, c.token, {"code": "http_503"}, T0 + 1, T0, T0 + 5)
+
+    e = execution(store, job.id, c.execution_id)
+    assert (e.state, e.due_at, e.last_error, e.finished_at) == (
+        "retry_wait",
+        T0 + 5,
+        {"code": "http_503"},
+        None,
+    )
+    assert not store.job_finished(job.id)
+
+
+def test_expired_leases_are_retried_then_dead_lettered(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1, max_attempts=2), T0)
+    (c,) = claim(store)
+    assert store.reap_expired(T0 + LEASE_S) == 0  # expires strictly after its deadline
+
+    assert store.reap_expired(T0 + LEASE_S + 1) == 1
+    e = execution(store, job.id, c.execution_id)
+    assert (e.state, e.due_at, (e.last_error or {}).get("code")) == (
+        "retry_wait",
+        T0 + LEASE_S + 1,
+        "lease_expired",
+    )
+
+    (again,) = claim(store, now=T0 + 100)
+    assert again.attempt == 2 and again.source == "own_retry"
+    assert store.reap_expired(T0 + 200, max_backoff_s=5) == 1
+    e = execution(store, job.id, c.execution_id)
+    assert (e.state, e.attempts, e.finished_at) == ("dead", 2, T0 + 200)
+    assert [a.number for a in e.attempt_log] == [1, 2]
+    assert store.job_finished(job.id)
+
+
+def test_release_returns_new_work_to_the_queue_without_using_an_attempt(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1), T0)
+    (c,) = claim(store)
+
+    assert store.release(c.execution_id, c.token, T0 + 1)
+
+    e = execution(store, job.id, c.execution_id)
+    assert (e.state, e.attempts, e.attempt_log, e.executed_region) == ("queued", 0, [], None)
+    (again,) = claim(store, now=T0 + 2)
+    assert (again.attempt, again.source) == (1, "new")
+
+
+def test_release_returns_a_retry_to_the_retry_queue(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1, regions=("r2",)), T0)
+    fail_in(store, R2, job.id, T0 + 1, due=T0 + 2)
+    (c,) = claim(store, R1, now=T0 + 2)
+    assert c.source == "global_retry"
+
+    assert store.release(c.execution_id, c.token, T0 + 3)
+
+    e = execution(store, job.id, c.execution_id)
+    assert (e.state, e.attempts, e.due_at) == ("retry_wait", 1, T0 + 3)
+    (again,) = claim(store, R1, now=T0 + 3)
+    assert (again.source, again.attempt) == ("global_retry", 2)
+
+
+# -- cancel, stats, circuits ------------------------------------------------------
+
+
+def test_cancel_stops_waiting_work_and_lets_running_work_finish(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=6), T0)
+    running, retrying, failing, releasing, abandoned = claim(store, limit=5)
+    assert store.fail(retrying.execution_id, retrying.token, {"code": "x"}, T0, T0, T0 + 60)
+
+    assert store.cancel_job("acme", job.id, T0 + 1) == 2  # one queued, one retry_wait
+    assert store.cancel_job("acme", job.id, T0 + 1) == 0
+    assert claim(store, now=T0 + 100) == []
+    assert not store.job_finished(job.id)
+
+    # Work that was running finishes: an answer is kept, nothing is retried.
+    assert store.complete(running.execution_id, running.token, {"output": "kept"}, T0 + 2, T0)
+    assert store.fail(failing.execution_id, failing.token, {"code": "x"}, T0 + 2, T0, T0 + 3)
+    assert store.release(releasing.execution_id, releasing.token, T0 + 2)
+    assert store.reap_expired(T0 + LEASE_S + 1) == 1
+    assert store.job_counts(job.id) == {"r1": {"succeeded": 1, "cancelled": 5}}
+    cancelled_job = store.get_job("acme", job.id)
+    assert cancelled_job is not None and cancelled_job.cancelled
+    assert execution(store, job.id, running.execution_id).output == "kept"
+    assert execution(store, job.id, abandoned.execution_id).finished_at == T0 + LEASE_S + 1
+    assert store.job_finished(job.id)
+
+
+def test_queue_stats_counts_each_queue(store: Store) -> None:
+    store.create_job(make_job(tenant="a", questions=3, regions=("r1",)), T0)
+    store.create_job(make_job(tenant="b", questions=2, regions=("r2",), failover=Failover.NONE), T0)
+    store.create_job(make_job(tenant="c", questions=1, regions=("r2",)), T0)
+    retry_here, _in_flight = claim(store, R1, limit=2)  # r1: 1 queued left
+    assert store.fail(retry_here.execution_id, retry_here.token, {"code": "x"}, T0, T0, T0 + 9)
+    b1, _b2, c1 = claim(store, R2, limit=3)  # r2: nothing queued left
+    assert store.fail(b1.execution_id, b1.token, {"code": "x"}, T0, T0, T0 + 9)
+    assert store.fail(c1.execution_id, c1.token, {"code": "x"}, T0, T0, None)
+    store.set_circuit("r2", "open", T0 + 30)
+
+    stats = store.queue_stats(T0, [R1, R2])
+
+    assert (stats.global_retry, stats.dead) == (1, 1)  # only r1's failover-any retry
+    by_region = {q.region: q for q in stats.regions}
+    r1, r2 = by_region["r1"], by_region["r2"]
+    assert (r1.queued, r1.retry_wait, r1.in_flight, r1.circuit, r1.circuit_open_until) == (
+        1,
+        1,
+        1,
+        "closed",
+        None,
+    )
+    assert (r2.queued, r2.retry_wait, r2.in_flight, r2.circuit, r2.circuit_open_until) == (
+        0,
+        1,
+        1,
+        "open",
+        T0 + 30,
+    )
+
+
+def test_circuit_state_is_kept_and_checked(store: Store) -> None:
+    store.set_circuit("r1", "open", T0 + 10)
+    store.set_circuit("r1", "half_open", None)
+    (r1,) = store.queue_stats(T0, [R1]).regions
+    assert (r1.circuit, r1.circuit_open_until) == ("half_open", None)
+    with pytest.raises(ValueError, match="circuit state"):
+        store.set_circuit("r1", "ajar", None)
+
+
+# -- opening and migrating --------------------------------------------------------
+
+
+def test_migrate_twice_changes_nothing(store: Store) -> None:
+    job, _ = store.create_job(make_job(), T0)
+    store.migrate()
+    assert store.job_counts(job.id) == {"r1": {"queued": 2}}
+
+
+def test_open_store_rejects_an_unknown_scheme() -> None:
+    with pytest.raises(DatabaseURLError, match="'mysql'"):
+        open_store("mysql://user:secret@host/db")
+    with pytest.raises(DatabaseURLError):
+        open_store("sqlite://relative-without-third-slash.db")
+
+
+def test_open_store_opens_sqlite_in_memory_and_on_a_relative_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = open_store("sqlite:///:memory:")
+    job, _ = memory.create_job(make_job(), T0)
+    assert memory.job_counts(job.id) == {"r1": {"queued": 2}}
+    memory.close()
+    monkeypatch.chdir(tmp_path)
+    on_disk = open_store("sqlite:///data/dispatcher.db")
+    on_disk.close()
+    assert (tmp_path / "data" / "dispatcher.db").exists()
+
+
+def test_driver_errors_become_store_errors(tmp_path: Path) -> None:
+    (tmp_path / "a-directory.db").mkdir()
+    with pytest.raises(StoreError, match="SQLite"):
+        open_store(f"sqlite:///{tmp_path / 'a-directory.db'}")
+
+
+@pytest.mark.postgres
+def test_an_unreachable_postgres_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match="cannot connect"):
+        open_store("postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2")
+
+
+# -- concurrency ------------------------------------------------------------------
+
+
+def test_concurrent_claimers_respect_the_limit_and_never_share_an_execution(
+    store_url: str,
+) -> None:
+    """Three store instances (three "dispatcher processes", each its own connection
+    or pool), each with a thread per region, drain a 300-execution job through two
+    regions of concurrency 4 and 3. The first attempt of every 7th question fails
+    and may be retried by either region, so the regions also race for retries."""
+    regions = [
+        RegionSpec("r1", concurrency=4, models=frozenset({"m1"})),
+        RegionSpec("r2", concurrency=3, models=frozenset({"m1"})),
+    ]
+    stores = [open_store(store_url) for _ in range(3)]
+    job, _ = stores[0].create_job(make_job(questions=150, regions=("r1", "r2")), T0)
+    claimed: list[tuple[int, int]] = []  # (execution id, attempt) of every claim made
+    problems: list[str] = []
+    lock = threading.Lock()
+
+    def work(store: Store, region: RegionSpec, name: str) -> None:
+        try:
+            while not store.job_finished(job.id):
+                claims = store.claim(region, 2, T0, 3_600.0, name, 10)
+                for queue in store.queue_stats(T0, regions).regions:
+                    limit = next(r.concurrency for r in regions if r.name == queue.region)
+                    if queue.in_flight > limit:
+                        problems.append(f"{queue.in_flight} in flight in {queue.region}")
+                with lock:
+                    claimed.extend((c.execution_id, c.attempt) for c in claims)
+                for c in claims:
+                    if c.question_index % 7 == 0 and c.attempt == 1:
+                        ok = store.fail(c.execution_id, c.token, {"code": "x"}, T0, T0, T0)
+                    else:
+                        ok = store.complete(c.execution_id, c.token, {"output": name}, T0, T0)
+                    if not ok:
+                        problems.append(f"{name} lost the lease of {c.execution_id}")
+        except Exception as exc:  # reported below: a thread's exception is otherwise lost
+            problems.append(f"{name}: {exc!r}")
+
+    threads = [
+        threading.Thread(target=work, args=(s, r, f"store{i}-{r.name}"))
+        for i, s in enumerate(stores)
+        for r in regions
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for s in stores[1:]:
+            s.close()
+    assert problems == []
+    retried = 2 * 22  # question indexes 0, 7, ..., 147 in each region
+    assert len(claimed) == len(set(claimed)) == 300 + retried
+    executions = stores[0].executions(job.id)
+    stores[0].close()
+    assert {e.state for e in executions} == {State.SUCCEEDED}
+    for e in executions:
+        assert [a.ok for a in e.attempt_log].count(True) == 1
+        assert e.attempts == len(e.attempt_log) == (2 if e.question_index % 7 == 0 else 1)
+
+
+# -- scale ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_claim_stays_correct_with_100_000_executions_queued(store: Store) -> None:
+    big, _ = store.create_job(make_job(tenant="big", questions=100_000), T0)
+    store.create_job(make_job(tenant="small", questions=5), T0 + 1)
+    assert big.total == 100_000
+
+    claims = claim(store, limit=4, tenant_batch=2)
+
+    assert [(c.tenant, c.question_index) for c in claims] == [
+        ("big", 0),
+        ("small", 0),
+        ("big", 1),
+        ("small", 1),
+    ]
+    stats = store.queue_stats(T0, [R1])
+    assert (stats.regions[0].queued, stats.regions[0].in_flight) == (100_001, 4)
