@@ -33,6 +33,7 @@ import math
 import os
 import time
 from typing import Any
+from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -152,7 +153,8 @@ class OpenAIProvider(Provider):
                 "openai model %r: ignoring unknown options %s", model, ", ".join(unknown)
             )
         if self.api_style == "azure":
-            self.url = f"{self.base_url}/openai/deployments/{self.remote_model}/chat/completions"
+            deployment = quote(self.remote_model, safe="")
+            self.url = f"{self.base_url}/openai/deployments/{deployment}/chat/completions"
             self.params: dict[str, str] = {"api-version": self.api_version}
         else:
             self.url = f"{self.base_url}/chat/completions"
@@ -163,7 +165,7 @@ class OpenAIProvider(Provider):
     def load(self) -> None:
         """Read the key from the environment and open the pooled session."""
         if self.api_key_env:
-            key = os.environ.get(self.api_key_env, "")
+            key = os.environ.get(self.api_key_env, "").strip()  # secret files end in \n
             if not key:
                 raise ConfigError(
                     f"openai model {self.model!r}: environment variable {self.api_key_env} "
@@ -218,16 +220,16 @@ class OpenAIProvider(Provider):
         remaining = call.remaining()
         if remaining <= 0:
             raise ProviderTimeout("the deadline passed before the request was sent")
-        headers = {"X-Request-ID": call.request_id} if call.request_id else None
         connect_timeout = min(self.connect_timeout_s, remaining)
         try:
             # The read timeout bounds each wait for bytes; a non-streaming answer arrives
             # all at once at the end, so this is the deadline for the whole answer.
+            # call.request_id is not sent as X-Request-ID: llama_cpp.server (starlette-context)
+            # answers an empty 400 to any X-Request-ID that is not a UUID.
             response = session.post(
                 self.url,
                 params=self.params,
                 json=self._payload(call),
-                headers=headers,
                 timeout=(connect_timeout, remaining),
                 # A redirect would turn the POST into a GET and could carry the key elsewhere.
                 allow_redirects=False,
@@ -266,8 +268,9 @@ class OpenAIProvider(Provider):
             ms = parse_retry_after(response.headers.get("retry-after-ms"))
             retry_after = ms / 1000 if ms is not None else None
         excerpt = self._redact(_error_excerpt(response))
+        reason = f" {response.reason}" if response.reason else ""
         return ProviderFailure(
-            f"upstream answered HTTP {response.status_code}: {excerpt}",
+            f"upstream answered HTTP {response.status_code}{reason}: {excerpt}",
             status=response.status_code,
             retry_after_s=retry_after,
         )
