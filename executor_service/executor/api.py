@@ -13,11 +13,11 @@ from flask import Flask, Response, current_app, g, request
 from flask_smorest import Blueprint
 
 from ..config import Settings
-from ..errors import ModelTimeout, NotReady, ProviderError, UnknownModel
+from ..errors import ModelTimeout, NotReady, ProviderError, UnknownModel, ValidationFailed
 from ..observability import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
 from .admission import Admission
 from .catalog import Catalog
-from .providers import Call, ProviderFailure, ProviderTimeout
+from .providers import Call, ProviderFailure, ProviderRejected, ProviderTimeout
 from .schemas import ExecuteRequestSchema, ExecuteResponseSchema, ModelListSchema
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ def execute(body: dict[str, Any]) -> dict[str, Any]:
                 f"model {model!r} did not answer within {budget:g} s",
                 details={"timeout_s": budget, "reason": str(exc)},
             ) from None
+        except ProviderRejected as exc:
+            field = "messages" if body.get("messages") else "prompt"
+            raise ValidationFailed(details={field: [exc.message]}) from None
         except ProviderFailure as exc:
             headers = {}
             details: dict[str, Any] = {"provider": provider.kind, "provider_status": exc.status}

@@ -209,13 +209,24 @@ def test_execute_times_out_with_504(e2e_client: FlaskClient, model: str) -> None
     assert response.get_json()["error"]["code"] == "model_timeout"
 
 
-@pytest.mark.parametrize(("model", "status"), [("smollm2-local", None), ("smollm2-remote", 400)])
-def test_execute_reports_a_prompt_too_long_as_502(
-    e2e_client: FlaskClient, model: str, status: int | None
+def test_execute_reports_a_prompt_too_long_for_the_local_model_as_422(
+    e2e_client: FlaskClient,
 ) -> None:
-    response = e2e_client.post("/execute", json={"model": model, "prompt": "hello " * 2000})
+    response = e2e_client.post(
+        "/execute", json={"model": "smollm2-local", "prompt": "hello " * 2000}
+    )
+    assert response.status_code == 422, response.get_json()
+    error = response.get_json()["error"]
+    assert error["code"] == "validation_error"
+    assert "context window" in error["details"]["prompt"][0]
+
+
+def test_execute_reports_a_remote_refusal_as_502_with_its_status(e2e_client: FlaskClient) -> None:
+    response = e2e_client.post(
+        "/execute", json={"model": "smollm2-remote", "prompt": "hello " * 2000}
+    )
     assert response.status_code == 502, response.get_json()
     error = response.get_json()["error"]
     assert error["code"] == "provider_error"
-    assert error["details"]["provider_status"] == status
+    assert error["details"]["provider_status"] == 400
     assert "context" in error["message"]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Call, Completion, Provider, ProviderFailure, ProviderTimeout
+from .base import Call, Completion, Provider, ProviderFailure, ProviderRejected, ProviderTimeout
 
 __all__ = [
     "Call",
     "Completion",
     "Provider",
     "ProviderFailure",
+    "ProviderRejected",
     "ProviderTimeout",
     "create_provider",
     "provider_kinds",

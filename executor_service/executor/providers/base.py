@@ -53,6 +53,11 @@ class ProviderFailure(Exception):
         self.retry_after_s = retry_after_s
 
 
+class ProviderRejected(ProviderFailure):
+    """The provider refused this request as invalid (e.g. a prompt longer than the
+    model's context): the client's fault, so no retry anywhere can succeed."""
+
+
 class Provider(ABC):
     """A model backend. One instance per model per worker process."""
 

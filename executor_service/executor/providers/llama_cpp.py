@@ -41,7 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from ...config import ConfigError
-from .base import Call, Completion, Provider, ProviderFailure, ProviderTimeout
+from .base import (
+    Call,
+    Completion,
+    Provider,
+    ProviderFailure,
+    ProviderRejected,
+    ProviderTimeout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +303,7 @@ class LlamaCppProvider(Provider):
         """A prompt llama.cpp refuses (too long for the context, a chat template error)."""
         overflow = _CONTEXT_OVERFLOW.search(str(exc))
         if overflow:
-            return ProviderFailure(
+            return ProviderRejected(
                 f"the prompt is {overflow.group(1)} tokens; model {self.model!r} has a context "
                 f"window of {overflow.group(2)} tokens"
             )
