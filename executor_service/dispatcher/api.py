@@ -1,0 +1,379 @@
+"""The dispatcher's HTTP API: submit jobs, follow them, read results, cancel, see the queues.
+
+    POST /jobs                  submit (Idempotency-Key: same key and body -> the same job)
+    GET  /jobs/<id>             counts per region and state, progress, ETA
+    GET  /jobs/<id>/results     every execution with its attempts (JSON, or CSV)
+    POST /jobs/<id>/cancel      cancel what has not started
+    GET  /queue                 global retry queue; per region queues, in flight, circuit
+    GET  /metrics               Prometheus (the region workers' counters too)
+
+A tenant (from the API key) sees only its own jobs: another tenant's job id is
+404, exactly like an id that does not exist. The API never calls executors:
+the region workers run in their own process (``executor-service dispatcher``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, Response, current_app, g, request, stream_with_context
+from flask_smorest import Blueprint
+
+from ..config import Settings
+from ..errors import APIError, Conflict, NotFound, error_response
+from . import metrics
+from .jobs import JobLimits, build_job
+from .regions import Regions
+from .scheduler import Clock
+from .schemas import (
+    CancelSchema,
+    JobRequestSchema,
+    JobSchema,
+    QueueSchema,
+    ResultsQuerySchema,
+    ResultsSchema,
+)
+from .store.base import Execution, IdempotencyConflict, Job, State, Store, StoreError
+
+logger = logging.getLogger(__name__)
+
+blp = Blueprint("dispatcher", __name__, description="Jobs of questions x models x regions.")
+
+FINAL_STATES = tuple(s.value for s in State if s.final)
+CSV_COLUMNS = (
+    "execution_id",
+    "question_index",
+    "question",
+    "model",
+    "requested_region",
+    "executed_region",
+    "state",
+    "attempts",
+    "errors",
+    "created_at",
+    "finished_at",
+    "model_ms",
+    "total_ms",
+    "output",
+)
+
+
+class StoreUnavailable(APIError):
+    """The job store is unavailable; retry shortly."""
+
+    status, code = 503, "store_unavailable"
+
+
+@dataclass
+class DispatcherState:
+    """What the routes need, kept in ``app.extensions["dispatcher"]``."""
+
+    settings: Settings
+    store: Store
+    regions: Regions
+    limits: JobLimits
+    clock: Clock
+
+
+def state() -> DispatcherState:
+    return current_app.extensions["dispatcher"]
+
+
+def _owned_job(job_id: str) -> Job:
+    job = state().store.get_job(g.tenant, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", details={"job_id": job_id})
+    return job
+
+
+# -- views --------------------------------------------------------------------
+def job_view(job: Job, counts: Mapping[str, Mapping[str, int]], now: float) -> dict[str, Any]:
+    """The job with its counts, progress and an ETA from the completion rate so far."""
+    states: dict[str, int] = {}
+    for per_state in counts.values():
+        for name, n in per_state.items():
+            states[name] = states.get(name, 0) + n
+    done = sum(states.get(s, 0) for s in FINAL_STATES)
+    total = job.total
+    if done >= total:
+        phase = "cancelled" if job.cancelled else "finished"
+        eta: float | None = 0.0
+    else:
+        if job.cancelled:
+            phase = "cancelling"
+        elif states.get("queued", 0) == total:
+            phase = "queued"
+        else:
+            phase = "running"
+        elapsed = max(now - job.created_at, 1e-6)
+        eta = (total - done) / (done / elapsed) if done else None
+    return {
+        "id": job.id,
+        "tenant": job.tenant,
+        "state": phase,
+        "created_at": job.created_at,
+        "failover": job.failover.value,
+        "max_attempts": job.max_attempts,
+        "priority": job.priority,
+        "models": job.models,
+        "regions_by_model": job.regions_by_model,
+        "questions": len(job.questions),
+        "params": job.params,
+        "idempotency_key": job.idempotency_key,
+        "cancelled": job.cancelled,
+        "total": total,
+        "counts": {region: dict(per_state) for region, per_state in counts.items()},
+        "states": states,
+        "progress": {"done": done, "total": total, "fraction": done / total if total else 1.0},
+        "eta_s": None if eta is None else round(eta, 3),
+    }
+
+
+def execution_view(e: Execution) -> dict[str, Any]:
+    result = e.result or {}
+    return {
+        "id": e.id,
+        "question_index": e.question_index,
+        "question": e.question,
+        "model": e.model,
+        "requested_region": e.requested_region,
+        "executed_region": e.executed_region,
+        "state": e.state.value,
+        "attempts": e.attempts,
+        "attempt_log": [
+            {
+                "number": a.number,
+                "region": a.region,
+                "started_at": a.started_at,
+                "finished_at": a.finished_at,
+                "duration_ms": None
+                if a.finished_at is None or a.started_at is None
+                else round((a.finished_at - a.started_at) * 1000, 3),
+                "ok": a.ok,
+                "error": a.error,
+            }
+            for a in e.attempt_log
+        ],
+        "last_error": e.last_error,
+        "output": e.output,
+        "finish_reason": result.get("finish_reason"),
+        "usage": result.get("usage"),
+        "timing": result.get("timing"),
+        "replica": result.get("replica"),
+        "created_at": e.created_at,
+        "finished_at": e.finished_at,
+    }
+
+
+def _attempt_errors(view: Mapping[str, Any]) -> str:
+    parts = []
+    for a in view["attempt_log"]:
+        if a["error"]:
+            err = a["error"]
+            parts.append(f"#{a['number']} {a['region']}: {err.get('code')}: {err.get('message')}")
+    return " | ".join(parts)
+
+
+def _csv_rows(executions: list[Execution]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for e in executions:
+        view = execution_view(e)
+        timing = view["timing"] or {}
+        writer.writerow(
+            [
+                view["id"],
+                view["question_index"],
+                view["question"],
+                view["model"],
+                view["requested_region"],
+                view["executed_region"] or "",
+                view["state"],
+                view["attempts"],
+                _attempt_errors(view),
+                view["created_at"],
+                "" if view["finished_at"] is None else view["finished_at"],
+                timing.get("model_ms", ""),
+                timing.get("total_ms", ""),
+                view["output"] or "",
+            ]
+        )
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _wants_csv(fmt: str | None) -> bool:
+    if fmt is not None:
+        return fmt == "csv"
+    best = request.accept_mimetypes.best_match(["application/json", "text/csv"])
+    return best == "text/csv"
+
+
+# -- routes -------------------------------------------------------------------
+@blp.route("/jobs", methods=["POST"])
+@blp.arguments(JobRequestSchema)
+@blp.response(201, JobSchema, description="created")
+@blp.alt_response(200, schema=JobSchema, description="the job this Idempotency-Key made")
+@blp.alt_response(409, description="conflict: the Idempotency-Key was used with another body")
+@blp.alt_response(422, description="validation_error: details name the fields")
+def create_job(body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Submit a job: every question to every model in every requested region."""
+    st = state()
+    new = build_job(body, g.tenant, st.regions, st.limits, request.headers.get("Idempotency-Key"))
+    now = st.clock()
+    try:
+        job, created = st.store.create_job(new, now)
+    except IdempotencyConflict:
+        raise Conflict(
+            "this Idempotency-Key was used for a different job request",
+            details={"idempotency_key": new.idempotency_key},
+        ) from None
+    logger.info(
+        "job submitted",
+        extra={"job_id": job.id, "tenant": job.tenant, "total": job.total, "created": created},
+    )
+    view = job_view(job, st.store.job_counts(job.id), now)
+    return view, 201 if created else 200, {"Location": f"/jobs/{job.id}"}
+
+
+@blp.route("/jobs/<job_id>", methods=["GET"])
+@blp.response(200, JobSchema)
+@blp.alt_response(404, description="not_found (also another tenant's job)")
+def get_job(job_id: str) -> dict[str, Any]:
+    """A job's progress: counts per requested region and state, and an ETA."""
+    st = state()
+    job = _owned_job(job_id)
+    return job_view(job, st.store.job_counts(job.id), st.clock())
+
+
+@blp.route("/jobs/<job_id>/results", methods=["GET"])
+@blp.arguments(ResultsQuerySchema, location="query")
+@blp.response(200, ResultsSchema, description="JSON; CSV with ?format=csv or Accept: text/csv")
+@blp.alt_response(404, description="not_found")
+def get_results(query: dict[str, Any], job_id: str) -> Any:
+    """Every execution: question, model, requested and executed region, state, each
+    attempt's error and timing, and the answer."""
+    st = state()
+    job = _owned_job(job_id)
+    executions = st.store.executions(job.id, with_attempts=True)
+    if _wants_csv(query.get("format")):
+        response = Response(
+            stream_with_context(_csv_rows(executions)), mimetype="text/csv; charset=utf-8"
+        )
+        response.headers["Content-Disposition"] = f'attachment; filename="job-{job.id}.csv"'
+        return response
+    phase = job_view(job, st.store.job_counts(job.id), st.clock())["state"]
+    return {
+        "job_id": job.id,
+        "state": phase,
+        "executions": [execution_view(e) for e in executions],
+    }
+
+
+@blp.route("/jobs/<job_id>/cancel", methods=["POST"])
+@blp.response(200, CancelSchema)
+@blp.alt_response(404, description="not_found")
+def cancel_job(job_id: str) -> dict[str, Any]:
+    """Cancel the executions not yet started; calls in flight finish and keep their result."""
+    st = state()
+    job = _owned_job(job_id)
+    cancelled = st.store.cancel_job(g.tenant, job.id, st.clock())
+    job = _owned_job(job_id)
+    logger.info("job cancel", extra={"job_id": job.id, "cancelled": cancelled})
+    phase = job_view(job, st.store.job_counts(job.id), st.clock())["state"]
+    return {"job_id": job.id, "cancelled": cancelled, "state": phase}
+
+
+def queue_view(st: DispatcherState) -> dict[str, Any]:
+    stats = st.store.queue_stats(st.clock(), st.regions.specs())
+    return {
+        "global_retry": stats.global_retry,
+        "dead": stats.dead,
+        "regions": [
+            {
+                "region": q.region,
+                "concurrency": st.regions[q.region].concurrency if q.region in st.regions else 0,
+                "queued": q.queued,
+                "retry_wait": q.retry_wait,
+                "in_flight": q.in_flight,
+                "circuit": q.circuit,
+                "circuit_open_until": q.circuit_open_until,
+            }
+            for q in stats.regions
+        ],
+    }
+
+
+@blp.route("/queue", methods=["GET"])
+@blp.response(200, QueueSchema)
+def get_queue() -> dict[str, Any]:
+    """The queues across all tenants: global retry queue, and per region its queue, its
+    retries, its calls in flight and its circuit."""
+    return queue_view(state())
+
+
+def _refresh_queue_gauges() -> None:
+    """Before ``/metrics`` answers, read the queue depths from the store."""
+    if request.path != "/metrics":
+        return
+    try:
+        view = queue_view(state())
+    except StoreError:
+        logger.exception("queue stats for /metrics failed")
+        return
+    metrics.GLOBAL_RETRY_QUEUE.set(view["global_retry"])
+    metrics.DEAD_EXECUTIONS.set(view["dead"])
+    for q in view["regions"]:
+        for name in ("queued", "retry_wait", "in_flight"):
+            metrics.QUEUE_DEPTH.labels(q["region"], name).set(q[name])
+        metrics.CIRCUIT_OPEN.labels(q["region"]).set(0 if q["circuit"] == "closed" else 1)
+
+
+def init_app(
+    app: Flask, settings: Settings, api: Any, store: Store, regions: Regions, clock: Clock
+) -> None:
+    app.extensions["dispatcher"] = DispatcherState(
+        settings=settings,
+        store=store,
+        regions=regions,
+        limits=JobLimits.from_settings(settings),
+        clock=clock,
+    )
+    app.before_request(_refresh_queue_gauges)
+
+    @app.errorhandler(StoreError)
+    def _store_error(exc: StoreError) -> Response:
+        logger.error("store error: %s", exc)
+        return error_response(StoreUnavailable(headers={"Retry-After": "1"}))
+
+    api.register_blueprint(blp)
+
+
+def create_dispatcher_app(
+    test_config: Mapping[str, Any] | None = None,
+    settings: Settings | None = None,
+    store: Store | None = None,
+    regions: Regions | None = None,
+    clock: Clock = time.time,
+) -> Flask:
+    """The dispatcher API: settings from the environment (``ES_*``), the regions file,
+    the store at ``ES_DATABASE_URL`` (migrated on open) unless one is passed in."""
+    from .. import base_app
+    from .store import open_store
+
+    settings = settings or Settings.from_env()
+    regions = regions or Regions.load(settings.regions_file)
+    app, api = base_app(__name__, settings, test_config, "executor-service dispatcher")
+    if store is None:
+        store = open_store(settings.database_url)
+    init_app(app, settings, api, store, regions, clock)
+    return app

@@ -1,0 +1,178 @@
+"""Marshmallow schemas of the dispatcher API: request validation and the OpenAPI document.
+
+The request schema checks shape and types only; what depends on the regions
+file (known models and regions, which region serves what) and on the size
+limits in the settings is checked in ``jobs.py``.
+"""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+from ..executor.schemas import MAX_PROMPT_CHARS
+from .store.base import Failover, State
+
+# One idempotency key names one job per tenant; long enough for a UUID or a hash.
+MAX_IDEMPOTENCY_KEY = 128
+# Larger numbers run first; a bounded range keeps the column a plain integer.
+PRIORITY_RANGE = (-1000, 1000)
+# Backoff doubles per attempt: beyond 10 a job waits hours on a broken region.
+MAX_ATTEMPTS_RANGE = (1, 10)
+
+
+class JobParamsSchema(Schema):
+    """Passed to every call of the job (see the executor's POST /execute)."""
+
+    max_tokens = fields.Integer(strict=True, validate=validate.Range(min=1, max=4096))
+    temperature = fields.Float(validate=validate.Range(min=0.0, max=2.0))
+    seed = fields.Integer(strict=True, allow_none=True)
+    timeout_s = fields.Float(
+        validate=validate.Range(min=0.001, max=3600),
+        metadata={"description": "per call; default: the region's timeout_s"},
+    )
+
+
+class JobRequestSchema(Schema):
+    """A job: every question is asked of every model in every requested region."""
+
+    questions = fields.List(
+        fields.String(validate=validate.Length(min=1, max=MAX_PROMPT_CHARS)),
+        required=True,
+        validate=validate.Length(min=1),
+    )
+    models = fields.List(
+        fields.String(validate=validate.Length(min=1, max=128)),
+        required=True,
+        validate=validate.Length(min=1),
+    )
+    regions = fields.List(
+        fields.String(validate=validate.Length(min=1, max=64)),
+        validate=validate.Length(min=1),
+        metadata={"description": "default: every region serving each model"},
+    )
+    failover = fields.String(
+        load_default=Failover.ANY.value,
+        validate=validate.OneOf([f.value for f in Failover]),
+        metadata={
+            "description": "any: a failed call may be retried in another region serving the "
+            "model; none: only in its requested region (for cross-region comparisons)"
+        },
+    )
+    max_attempts = fields.Integer(
+        strict=True, load_default=3, validate=validate.Range(*MAX_ATTEMPTS_RANGE)
+    )
+    priority = fields.Integer(
+        strict=True,
+        load_default=0,
+        validate=validate.Range(*PRIORITY_RANGE),
+        metadata={"description": "higher runs first among one tenant's jobs"},
+    )
+    idempotency_key = fields.String(
+        validate=validate.Length(min=1, max=MAX_IDEMPOTENCY_KEY),
+        metadata={"description": "or the Idempotency-Key header"},
+    )
+    params = fields.Nested(JobParamsSchema, load_default=dict)
+
+
+class ProgressSchema(Schema):
+    done = fields.Integer(metadata={"description": "executions in a final state"})
+    total = fields.Integer()
+    fraction = fields.Float()
+
+
+class JobSchema(Schema):
+    """A job and how far it has got."""
+
+    id = fields.String()
+    tenant = fields.String()
+    state = fields.String(
+        metadata={"description": "queued | running | finished | cancelled (cancel asked)"}
+    )
+    created_at = fields.Float(metadata={"description": "seconds since the epoch"})
+    failover = fields.String()
+    max_attempts = fields.Integer()
+    priority = fields.Integer()
+    models = fields.List(fields.String())
+    regions_by_model = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+    questions = fields.Integer(metadata={"description": "how many questions"})
+    params = fields.Dict()
+    idempotency_key = fields.String(allow_none=True)
+    cancelled = fields.Boolean()
+    total = fields.Integer(metadata={"description": "executions (questions x models x regions)"})
+    counts = fields.Dict(
+        keys=fields.String(),
+        values=fields.Dict(keys=fields.String(), values=fields.Integer()),
+        metadata={"description": "requested region -> state -> executions"},
+    )
+    states = fields.Dict(keys=fields.String(), values=fields.Integer())
+    progress = fields.Nested(ProgressSchema)
+    eta_s = fields.Float(
+        allow_none=True,
+        metadata={"description": "seconds left at the completion rate seen so far"},
+    )
+
+
+class AttemptSchema(Schema):
+    number = fields.Integer()
+    region = fields.String()
+    started_at = fields.Float()
+    finished_at = fields.Float(allow_none=True)
+    duration_ms = fields.Float(allow_none=True)
+    ok = fields.Boolean()
+    error = fields.Dict(allow_none=True, metadata={"description": "code, message, status..."})
+
+
+class ExecutionSchema(Schema):
+    """One question asked of one model in one region, with every attempt."""
+
+    id = fields.Integer()
+    question_index = fields.Integer()
+    question = fields.String()
+    model = fields.String()
+    requested_region = fields.String()
+    executed_region = fields.String(allow_none=True)
+    state = fields.String(metadata={"enum": [s.value for s in State]})
+    attempts = fields.Integer()
+    attempt_log = fields.List(fields.Nested(AttemptSchema))
+    last_error = fields.Dict(allow_none=True)
+    output = fields.String(allow_none=True)
+    finish_reason = fields.String(allow_none=True)
+    usage = fields.Dict(allow_none=True)
+    timing = fields.Dict(allow_none=True, metadata={"description": "the executor's timing"})
+    replica = fields.String(allow_none=True)
+    created_at = fields.Float()
+    finished_at = fields.Float(allow_none=True)
+
+
+class ResultsQuerySchema(Schema):
+    format = fields.String(load_default=None, validate=validate.OneOf(["json", "csv"]))
+
+
+class ResultsSchema(Schema):
+    job_id = fields.String()
+    state = fields.String()
+    executions = fields.List(fields.Nested(ExecutionSchema))
+
+
+class CancelSchema(Schema):
+    job_id = fields.String()
+    cancelled = fields.Integer(metadata={"description": "executions cancelled now"})
+    state = fields.String()
+
+
+class RegionQueueSchema(Schema):
+    region = fields.String()
+    concurrency = fields.Integer()
+    queued = fields.Integer(metadata={"description": "new work requested here"})
+    retry_wait = fields.Integer(metadata={"description": "this region's own retries waiting"})
+    in_flight = fields.Integer()
+    circuit = fields.String(metadata={"description": "closed | open | half_open"})
+    circuit_open_until = fields.Float(allow_none=True)
+
+
+class QueueSchema(Schema):
+    global_retry = fields.Integer(
+        metadata={"description": "failed executions any region serving the model may retry"}
+    )
+    dead = fields.Integer()
+    regions = fields.List(fields.Nested(RegionQueueSchema))

@@ -1,0 +1,525 @@
+"""The dispatcher runtime: one claim loop and one thread pool per region, a heartbeat
+and a reaper.
+
+Each region claims only for its own free slots and runs calls on its own pool
+of ``concurrency`` threads, so a slow or broken region never holds up another.
+A region's loop wakes on a short poll interval (work submitted through the API,
+or by another process), immediately when one of its calls finishes (a slot is
+free), and exactly when a retry scheduled by this process becomes due. The
+heartbeat extends the leases of calls in flight; the reaper returns expired
+leases (a crashed process's calls) to the queue. Stopping stops claiming, lets
+calls in flight finish within a grace period, and releases what remains.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..config import Settings
+from . import metrics
+from .client import CallResult, ExecutorClient, Outcome
+from .regions import Region, Regions
+from .scheduler import (
+    BackoffPolicy,
+    CircuitBreaker,
+    CircuitChange,
+    CircuitState,
+    Clock,
+    RetryScheduler,
+)
+from .store.base import Claim, Store
+
+logger = logging.getLogger(__name__)
+
+# After a store error, a loop waits this long before asking again, so a store
+# outage does not become a busy loop of failing queries.
+STORE_ERROR_PAUSE_S = 1.0
+
+
+class Caller(Protocol):
+    """What a region worker needs of its executor client (tests pass fakes)."""
+
+    def execute(
+        self, model: str, prompt: str, request_id: str, params: dict[str, Any]
+    ) -> CallResult: ...
+
+    def close(self) -> None: ...
+
+
+ClientFactory = Callable[[Region], Caller]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The runtime's knobs, from the settings."""
+
+    lease_s: float = 30.0
+    tenant_batch: int = 20
+    claim_poll_s: float = 0.1
+    shutdown_grace_s: float = 30.0
+    circuit_threshold: int = 5
+    circuit_cooldown_s: float = 30.0
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerConfig:
+        return cls(
+            lease_s=settings.lease_s,
+            tenant_batch=settings.tenant_batch,
+            claim_poll_s=settings.claim_poll_s,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            circuit_threshold=settings.circuit_threshold,
+            circuit_cooldown_s=settings.circuit_cooldown_s,
+            backoff=BackoffPolicy.from_settings(settings),
+        )
+
+    @property
+    def heartbeat_s(self) -> float:
+        # Three heartbeats per lease: one lost beat (a slow store) does not lose the lease.
+        return self.lease_s / 3
+
+    @property
+    def reap_s(self) -> float:
+        # A crashed process's work is back in the queue within 1.5 leases.
+        return self.lease_s / 2
+
+
+def request_id_for(claim: Claim) -> str:
+    """The executor request id of one attempt: job, execution and attempt number, so the
+    executor's logs show every attempt of every execution exactly once."""
+    return f"{claim.job_id}.{claim.execution_id}.{claim.attempt}"
+
+
+class DaemonPool:
+    """A fixed set of daemon threads running submitted calls. Daemon, unlike
+    ``ThreadPoolExecutor``, so a call still running after the shutdown grace
+    (its lease already released) cannot keep the process alive."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            try:
+                task()
+            except Exception:  # a task must not kill its thread
+                logger.exception("pool task failed")
+
+    def submit(self, task: Callable[[], None]) -> None:
+        self._queue.put(task)
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+class RegionWorker:
+    """Claims and runs one region's executions."""
+
+    def __init__(
+        self,
+        region: Region,
+        store: Store,
+        client: Caller,
+        retries: RetryScheduler,
+        config: WorkerConfig,
+        clock: Clock,
+        worker_id: str,
+        on_retry_scheduled: Callable[[float], None] = lambda _at: None,
+    ) -> None:
+        self.region = region
+        self.spec = region.spec()
+        self.store = store
+        self.client = client
+        self.retries = retries
+        self.config = config
+        self.clock = clock
+        self.worker_id = worker_id
+        self.on_retry_scheduled = on_retry_scheduled
+        self.breaker = CircuitBreaker(
+            config.circuit_threshold, config.circuit_cooldown_s, clock, self._publish_circuit
+        )
+        self._cond = threading.Condition()
+        self._woken = False
+        self._wake_times: list[float] = []  # heap of clock times a due retry wakes us
+        self._inflight: dict[int, Claim] = {}
+        self._stopping = threading.Event()
+        self._pool: DaemonPool | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        self._pool = DaemonPool(self.region.concurrency, f"call-{self.region.name}")
+        self._publish_circuit(CircuitChange(CircuitState.CLOSED, None))
+        self._thread = threading.Thread(
+            target=self._loop, name=f"claim-{self.region.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop_claiming(self) -> None:
+        self._stopping.set()
+        self.wake()
+
+    def join_loop(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def shutdown_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    # -- state for the heartbeat and shutdown --------------------------------
+    def leases(self) -> list[tuple[int, str]]:
+        with self._cond:
+            return [(c.execution_id, c.token) for c in self._inflight.values()]
+
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._inflight)
+
+    def wait_idle(self, deadline: float) -> bool:
+        """Wait (monotonic ``deadline``) until no call is in flight; True if idle."""
+        with self._cond:
+            while self._inflight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def release_all(self) -> int:
+        """Give back every lease still held (calls that outlived the grace period)."""
+        released = 0
+        for execution_id, token in self.leases():
+            try:
+                if self.store.release(execution_id, token, self.clock()):
+                    released += 1
+            except Exception:
+                logger.exception(
+                    "release failed", extra={"region": self.region.name, "execution": execution_id}
+                )
+        return released
+
+    # -- waking ------------------------------------------------------------
+    def wake(self) -> None:
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def wake_at(self, when: float) -> None:
+        """Claim again at clock time ``when`` (a retry becomes due then)."""
+        with self._cond:
+            heapq.heappush(self._wake_times, when)
+            self._cond.notify_all()
+
+    def _wait(self, timeout: float) -> None:
+        with self._cond:
+            now = self.clock()
+            while self._wake_times and self._wake_times[0] <= now:
+                heapq.heappop(self._wake_times)
+                self._woken = True
+            if self._wake_times:
+                timeout = min(timeout, self._wake_times[0] - now)
+            if not self._woken and not self._stopping.is_set() and timeout > 0:
+                self._cond.wait(timeout)
+            self._woken = False
+
+    # -- claiming ----------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                pause = self.claim_once()
+            except Exception:
+                logger.exception("claim loop error", extra={"region": self.region.name})
+                pause = STORE_ERROR_PAUSE_S
+            if pause > 0:
+                self._wait(pause)
+
+    def claim_once(self) -> float:
+        """Claim for the free slots and start the calls. Returns how long to wait before
+        claiming again (0: at once, there may be more work for free slots)."""
+        poll = self.config.claim_poll_s
+        with self._cond:
+            free = self.region.concurrency - len(self._inflight)
+        if free <= 0:
+            return poll  # a finishing call wakes us sooner
+        allowed = self.breaker.allowance(free)
+        if allowed <= 0:
+            until_probe = self.breaker.seconds_until_probe()
+            return poll if until_probe is None else min(max(until_probe, 0.001), poll * 10)
+        started = time.monotonic()
+        try:
+            claims = self.store.claim(
+                self.spec,
+                allowed,
+                self.clock(),
+                self.config.lease_s,
+                self.worker_id,
+                self.config.tenant_batch,
+            )
+        except Exception:
+            logger.exception("claim failed", extra={"region": self.region.name})
+            return STORE_ERROR_PAUSE_S
+        metrics.CLAIM_SECONDS.labels(self.region.name).observe(time.monotonic() - started)
+        if claims and self.breaker.state is CircuitState.HALF_OPEN:
+            self.breaker.probe_started()
+        for claim in claims:
+            self._start(claim)
+        return 0.0 if len(claims) == allowed and allowed == free else poll
+
+    def _start(self, claim: Claim) -> None:
+        metrics.CLAIMED.labels(self.region.name, claim.source).inc()
+        if claim.source == "global_retry":
+            metrics.CROSS_REGION_RETRIES.labels(self.region.name).inc()
+        with self._cond:
+            self._inflight[claim.execution_id] = claim
+        metrics.IN_FLIGHT.labels(self.region.name).inc()
+        assert self._pool is not None
+        self._pool.submit(lambda: self._run(claim))
+
+    # -- running one call ----------------------------------------------------
+    def _run(self, claim: Claim) -> None:
+        name = self.region.name
+        log = {
+            "job_id": claim.job_id,
+            "execution": claim.execution_id,
+            "attempt": claim.attempt,
+            "region": name,
+            "model": claim.model,
+        }
+        started = self.clock()
+        result: CallResult | None = None
+        try:
+            try:
+                result = self.client.execute(
+                    claim.model, claim.question, request_id_for(claim), claim.params
+                )
+            except Exception as exc:  # a bug in the client, not the executor's answer
+                logger.exception("executor call raised", extra=log)
+                result = CallResult(
+                    Outcome.RETRYABLE,
+                    error={"code": "dispatcher_error", "message": f"{type(exc).__name__}: {exc}"},
+                )
+            finished = self.clock()
+            metrics.CALLS.labels(name, result.outcome.value).inc()
+            metrics.CALL_SECONDS.labels(name).observe(max(0.0, finished - started))
+            self._record(claim, result, started, finished, log)
+        except Exception:
+            # The store failed: the lease expires and the reaper gives it back.
+            logger.exception("recording the result failed", extra=log)
+        finally:
+            if result is not None:
+                self.breaker.record(result.verdict)
+            with self._cond:
+                self._inflight.pop(claim.execution_id, None)
+                self._woken = True
+                self._cond.notify_all()
+            metrics.IN_FLIGHT.labels(name).dec()
+
+    def _record(
+        self,
+        claim: Claim,
+        result: CallResult,
+        started: float,
+        finished: float,
+        log: dict[str, Any],
+    ) -> None:
+        name = self.region.name
+        if result.ok:
+            assert result.body is not None
+            written = self.store.complete(
+                claim.execution_id, claim.token, result.body, finished, started
+            )
+            if written:
+                logger.info("call succeeded", extra=log)
+        else:
+            error = dict(result.error or {"code": "unknown", "message": "no error recorded"})
+            decision = self.retries.after_failure(
+                claim.attempt,
+                claim.max_attempts,
+                result.outcome is Outcome.RETRYABLE,
+                result.retry_after_s,
+            )
+            if decision.gave_up is not None:
+                error["gave_up"] = decision.gave_up.value
+            written = self.store.fail(
+                claim.execution_id, claim.token, error, finished, started, decision.retry_at
+            )
+            if written and decision.retry_at is not None:
+                metrics.RETRY_WAIT_SECONDS.labels(name).observe(decision.delay_s)
+                self.on_retry_scheduled(decision.retry_at)
+            if written and decision.gave_up is not None:
+                metrics.DEAD_LETTERS.labels(name, decision.gave_up.value).inc()
+            logger.info(
+                "call failed",
+                extra={
+                    **log,
+                    "error": error.get("code"),
+                    "retry_at": decision.retry_at,
+                    "gave_up": decision.gave_up.value if decision.gave_up else None,
+                },
+            )
+        if not written:
+            metrics.LOST_LEASES.labels(name).inc()
+            logger.warning("lease lost before the result was written; discarded", extra=log)
+
+    def _publish_circuit(self, change: CircuitChange) -> None:
+        if change.state is not CircuitState.CLOSED:
+            logger.warning(
+                "circuit %s",
+                change.state.value,
+                extra={"region": self.region.name, "open_until": change.open_until},
+            )
+        try:
+            self.store.set_circuit(self.region.name, change.state.value, change.open_until)
+        except Exception:
+            logger.exception("set_circuit failed", extra={"region": self.region.name})
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Dispatcher:
+    """Every region's worker, plus the heartbeat and the reaper, in this process."""
+
+    def __init__(
+        self,
+        store: Store,
+        regions: Regions,
+        config: WorkerConfig | None = None,
+        clock: Clock = time.time,
+        rng: random.Random | None = None,
+        client_factory: ClientFactory | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.regions = regions
+        self.config = config or WorkerConfig()
+        self.clock = clock
+        self.worker_id = worker_id or default_worker_id()
+        self.retries = RetryScheduler(self.config.backoff, clock, rng)
+        factory = client_factory or (lambda r: ExecutorClient(r, r.api_key(), clock=clock))
+        # Build every client first: a missing API key variable fails here, at start.
+        self.workers = {
+            region.name: RegionWorker(
+                region,
+                store,
+                factory(region),
+                self.retries,
+                self.config,
+                clock,
+                self.worker_id,
+                self._retry_scheduled,
+            )
+            for region in regions
+        }
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started = False
+
+    def _retry_scheduled(self, when: float) -> None:
+        # Any region may take the retry (failover), so wake them all when it is due.
+        for worker in self.workers.values():
+            worker.wake_at(when)
+
+    def start(self) -> Dispatcher:
+        if self._started:
+            return self
+        self._started = True
+        for worker in self.workers.values():
+            worker.start()
+        for target, name in ((self._heartbeat, "heartbeat"), (self._reaper, "reaper")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        logger.info(
+            "dispatcher started",
+            extra={"worker": self.worker_id, "regions": list(self.workers)},
+        )
+        return self
+
+    def in_flight(self) -> int:
+        return sum(w.in_flight() for w in self.workers.values())
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_s):
+            self.heartbeat_once()
+
+    def heartbeat_once(self) -> int:
+        """Extend every lease in flight; returns how many are still held."""
+        leases = [lease for w in self.workers.values() for lease in w.leases()]
+        if not leases:
+            return 0
+        try:
+            held = self.store.heartbeat(leases, self.clock(), self.config.lease_s)
+        except Exception:
+            logger.exception("heartbeat failed")
+            return 0
+        lost = [eid for eid, _ in leases if eid not in held]
+        if lost:
+            logger.warning("leases lost while calls run", extra={"executions": lost[:20]})
+        return len(held)
+
+    def _reaper(self) -> None:
+        while not self._stop.wait(self.config.reap_s):
+            self.reap_once()
+
+    def reap_once(self) -> int:
+        try:
+            reaped = self.store.reap_expired(self.clock())
+        except Exception:
+            logger.exception("reap failed")
+            return 0
+        if reaped:
+            metrics.REAPED.inc(reaped)
+            logger.warning("reaped expired leases", extra={"count": reaped})
+            for worker in self.workers.values():
+                worker.wake()
+        return reaped
+
+    def stop(self, grace_s: float | None = None) -> int:
+        """Stop claiming, give calls in flight ``grace_s`` to finish, release the rest.
+        Returns how many leases were released."""
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        for worker in self.workers.values():
+            worker.stop_claiming()
+        for worker in self.workers.values():
+            worker.join_loop(timeout=10)
+        deadline = time.monotonic() + grace
+        for worker in self.workers.values():
+            worker.wait_idle(deadline)
+        released = sum(w.release_all() for w in self.workers.values())
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for worker in self.workers.values():
+            worker.shutdown_pool()
+        logger.info("dispatcher stopped", extra={"released": released})
+        return released
+
+    def run(self, stop: threading.Event) -> int:
+        """Start, run until ``stop`` is set, then stop gracefully (the CLI's main loop)."""
+        self.start()
+        stop.wait()
+        return self.stop()

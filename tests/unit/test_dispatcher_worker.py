@@ -1,0 +1,315 @@
+"""The dispatcher runtime on the real SQLite store, with fake executor clients: slots,
+wake-ups, retries, failover, dead letters, circuit, heartbeat, reaper and shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import wait_until
+
+from executor_service.dispatcher.client import CallResult, Outcome
+from executor_service.dispatcher.regions import Regions
+from executor_service.dispatcher.scheduler import BackoffPolicy, Jitter
+from executor_service.dispatcher.store import open_store
+from executor_service.dispatcher.store.base import Failover, NewJob, State, Store
+from executor_service.dispatcher.worker import Dispatcher, WorkerConfig, request_id_for
+
+Behaviour = Callable[[str, str, str], CallResult]
+
+
+def ok(region: str, prompt: str, request_id: str) -> CallResult:
+    return CallResult(Outcome.SUCCESS, body={"output": f"{region}:{prompt}", "region": region})
+
+
+def down(region: str, prompt: str, request_id: str) -> CallResult:
+    return CallResult(Outcome.RETRYABLE, error={"code": "connection_error", "message": "refused"})
+
+
+class FakeCaller:
+    """Counts calls and concurrency; answers with the behaviour set for its region."""
+
+    def __init__(self, region: str, behaviours: dict[str, Behaviour], log: list[str]) -> None:
+        self.region = region
+        self.behaviours = behaviours
+        self.log = log
+        self.lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
+
+    def execute(self, model: str, prompt: str, request_id: str, params: Any) -> CallResult:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self.log.append(f"{self.region}:{request_id}")
+        try:
+            return self.behaviours.get(self.region, ok)(self.region, prompt, request_id)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def close(self) -> None:
+        pass
+
+
+REGIONS = Regions.from_mapping(
+    {
+        "regions": {
+            "a": {"url": "http://a", "concurrency": 2, "models": ["m"]},
+            "b": {"url": "http://b", "concurrency": 2, "models": ["m"]},
+        }
+    }
+)
+FAST = WorkerConfig(
+    lease_s=5.0,
+    claim_poll_s=0.05,
+    shutdown_grace_s=5.0,
+    circuit_threshold=100,
+    circuit_cooldown_s=0.2,
+    backoff=BackoffPolicy(0.01, 0.05, Jitter.NONE),
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    st = open_store(f"sqlite:///{tmp_path / 'worker.db'}")
+    yield st
+    st.close()
+
+
+class Harness:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.behaviours: dict[str, Behaviour] = {}
+        self.log: list[str] = []
+        self.callers: dict[str, FakeCaller] = {}
+        self.dispatchers: list[Dispatcher] = []
+
+    def factory(self, region: Any) -> FakeCaller:
+        caller = FakeCaller(region.name, self.behaviours, self.log)
+        self.callers[region.name] = caller
+        return caller
+
+    def dispatcher(self, config: WorkerConfig = FAST, regions: Regions = REGIONS) -> Dispatcher:
+        d = Dispatcher(self.store, regions, config, client_factory=self.factory)
+        self.dispatchers.append(d)
+        return d
+
+    def job(self, n: int, regions: list[str], failover: Failover = Failover.ANY, **kw: Any) -> str:
+        new = NewJob(
+            tenant="t",
+            questions=[f"q{i}" for i in range(n)],
+            models=["m"],
+            regions_by_model={"m": regions},
+            failover=failover,
+            **kw,
+        )
+        job, _ = self.store.create_job(new, time.time())
+        return job.id
+
+    def finished(self, job_id: str, timeout: float = 15.0) -> list[Any]:
+        wait_until(lambda: self.store.job_finished(job_id), timeout, what=f"job {job_id}")
+        return self.store.executions(job_id)
+
+
+@pytest.fixture
+def harness(store: Store) -> Iterator[Harness]:
+    h = Harness(store)
+    yield h
+    for d in h.dispatchers:
+        d.stop(grace_s=1.0)
+
+
+def test_runs_every_execution_once_within_each_regions_slots(harness: Harness) -> None:
+    def slow(region: str, prompt: str, rid: str) -> CallResult:
+        time.sleep(0.05)
+        return ok(region, prompt, rid)
+
+    harness.behaviours.update(a=slow, b=slow)
+    job = harness.job(12, ["a", "b"])
+    harness.dispatcher().start()
+    executions = harness.finished(job)
+    assert len(executions) == 24
+    assert all(e.state is State.SUCCEEDED and e.attempts == 1 for e in executions)
+    assert all(e.output == f"{e.requested_region}:{e.question}" for e in executions)
+    assert len(harness.log) == 24 == len(set(harness.log))
+    assert harness.callers["a"].peak == 2 and harness.callers["b"].peak == 2
+
+
+def test_a_finished_call_wakes_the_claim_loop_without_waiting_for_the_poll(
+    harness: Harness,
+) -> None:
+    # With a 30 s poll, only the wake-up on completion can run 6 calls on 1 slot in time.
+    config = WorkerConfig(lease_s=60, claim_poll_s=30.0, shutdown_grace_s=1.0)
+    one_slot = Regions.from_mapping(
+        {"regions": {"a": {"url": "http://a", "concurrency": 1, "models": ["m"]}}}
+    )
+    job = harness.job(6, ["a"])
+    harness.dispatcher(config, one_slot).start()
+    assert len(harness.finished(job, timeout=10.0)) == 6
+
+
+def test_a_retryable_failure_is_retried_with_the_error_recorded(harness: Harness) -> None:
+    seen: set[str] = set()
+
+    def flaky(region: str, prompt: str, rid: str) -> CallResult:
+        if prompt not in seen:
+            seen.add(prompt)
+            return CallResult(
+                Outcome.RETRYABLE, error={"code": "overloaded", "message": "busy", "status": 503}
+            )
+        return ok(region, prompt, rid)
+
+    harness.behaviours["a"] = flaky
+    job = harness.job(3, ["a"], failover=Failover.NONE)
+    harness.dispatcher().start()
+    for e in harness.finished(job):
+        assert e.state is State.SUCCEEDED and e.attempts == 2
+        first, second = e.attempt_log
+        assert not first.ok and first.error["code"] == "overloaded" and first.region == "a"
+        assert second.ok and second.started_at >= first.finished_at
+
+
+def test_failover_any_moves_failed_work_to_a_healthy_region(harness: Harness) -> None:
+    harness.behaviours["a"] = down
+    # A failing region may also take back its own retries (claim order 2); its circuit
+    # opening after the first failure is what hands the work to b for good.
+    config = WorkerConfig(
+        lease_s=5,
+        claim_poll_s=0.05,
+        circuit_threshold=1,
+        circuit_cooldown_s=0.5,
+        backoff=BackoffPolicy(0.01, 0.05, Jitter.NONE),
+    )
+    job = harness.job(4, ["a"], failover=Failover.ANY, max_attempts=5)
+    harness.dispatcher(config).start()
+    for e in harness.finished(job):
+        assert e.state is State.SUCCEEDED
+        assert e.requested_region == "a" and e.executed_region == "b"
+        assert e.attempt_log[0].region == "a" and e.attempt_log[-1].region == "b"
+
+
+def test_failover_none_dead_letters_after_max_attempts_in_its_region(harness: Harness) -> None:
+    harness.behaviours["a"] = down
+    job = harness.job(2, ["a"], failover=Failover.NONE, max_attempts=3)
+    harness.dispatcher().start()
+    for e in harness.finished(job):
+        assert e.state is State.DEAD and e.attempts == 3
+        assert {a.region for a in e.attempt_log} == {"a"}
+        assert e.last_error["code"] == "connection_error"
+        assert e.last_error["gave_up"] == "max_attempts"
+    assert not any(entry.startswith("b:") for entry in harness.log)
+
+
+def test_a_non_retryable_error_dead_letters_at_once(harness: Harness) -> None:
+    harness.behaviours["a"] = lambda r, p, rid: CallResult(
+        Outcome.FATAL, error={"code": "unknown_model", "message": "no", "status": 404}
+    )
+    job = harness.job(1, ["a"], failover=Failover.ANY)
+    harness.dispatcher().start()
+    (e,) = harness.finished(job)
+    assert e.state is State.DEAD and e.attempts == 1
+    assert e.last_error["gave_up"] == "non_retryable" and e.last_error["status"] == 404
+
+
+def test_a_failing_region_opens_its_circuit_and_stops_claiming(harness: Harness) -> None:
+    harness.behaviours["a"] = down
+    config = WorkerConfig(
+        lease_s=5,
+        claim_poll_s=0.05,
+        circuit_threshold=2,
+        circuit_cooldown_s=60,
+        backoff=BackoffPolicy(0.01, 0.05, Jitter.NONE),
+    )
+    # One slot: the next claim can only start after the last call's verdict was counted.
+    one_slot = Regions.from_mapping(
+        {"regions": {"a": {"url": "http://a", "concurrency": 1, "models": ["m"]}}}
+    )
+    job = harness.job(6, ["a"], failover=Failover.NONE, max_attempts=10)
+    d = harness.dispatcher(config, one_slot).start()
+
+    def circuit() -> str:
+        stats = harness.store.queue_stats(time.time(), one_slot.specs())
+        return stats.regions[0].circuit
+
+    wait_until(lambda: circuit() == "open" and d.in_flight() == 0, 10, what="circuit open")
+    assert len(harness.log) == 2  # exactly the threshold
+    time.sleep(0.3)  # a window in which a closed circuit would have made many more calls
+    assert len(harness.log) == 2
+    assert not harness.store.job_finished(job)
+
+
+def test_heartbeat_keeps_a_long_call_leased(harness: Harness) -> None:
+    def long_call(region: str, prompt: str, rid: str) -> CallResult:
+        time.sleep(3.0)
+        return ok(region, prompt, rid)
+
+    harness.behaviours["a"] = long_call
+    # Without heartbeats the reaper (every 0.75 s) would take the 1.5 s lease away mid-call.
+    config = WorkerConfig(lease_s=1.5, claim_poll_s=0.05, shutdown_grace_s=5)
+    job = harness.job(1, ["a"])
+    harness.dispatcher(config).start()
+    (e,) = harness.finished(job, timeout=20)
+    assert e.state is State.SUCCEEDED and e.attempts == 1 and len(harness.log) == 1
+
+
+def test_reaper_recovers_the_lease_of_a_crashed_worker(harness: Harness) -> None:
+    job = harness.job(1, ["a"])
+    crashed = harness.store.claim(REGIONS["a"].spec(), 1, time.time(), 0.2, "crashed", 20)
+    assert len(crashed) == 1
+    harness.dispatcher(WorkerConfig(lease_s=0.6, claim_poll_s=0.05)).start()
+    (e,) = harness.finished(job)
+    assert e.state is State.SUCCEEDED and e.attempts == 2
+    assert e.attempt_log[0].error["code"] == "lease_expired"
+    assert not harness.store.complete(e.id, crashed[0].token, {"output": "stale"}, time.time(), 0)
+    assert harness.store.executions(job)[0].output != "stale"
+
+
+def test_stop_lets_calls_in_flight_finish_within_the_grace(harness: Harness) -> None:
+    started = threading.Event()
+
+    def slowish(region: str, prompt: str, rid: str) -> CallResult:
+        started.set()
+        time.sleep(0.5)
+        return ok(region, prompt, rid)
+
+    harness.behaviours["a"] = slowish
+    job = harness.job(2, ["a"])
+    d = harness.dispatcher()
+    d.start()
+    assert started.wait(10)
+    assert d.stop(grace_s=10) == 0
+    done = [e for e in harness.store.executions(job) if e.state is State.SUCCEEDED]
+    assert len(done) >= 1 and d.in_flight() == 0
+
+
+def test_stop_releases_calls_that_outlive_the_grace(harness: Harness) -> None:
+    gate = threading.Event()
+
+    def stuck(region: str, prompt: str, rid: str) -> CallResult:
+        gate.wait(10)
+        return ok(region, prompt, rid)
+
+    harness.behaviours.update(a=stuck, b=stuck)
+    job = harness.job(3, ["a"])
+    d = harness.dispatcher()
+    d.start()
+    wait_until(lambda: len(harness.log) == 2, 10, what="two calls in flight")
+    assert d.stop(grace_s=0.1) == 2
+    gate.set()
+    # The released executions are queued again, not attempted, and the late answers
+    # of the stuck calls are fenced off.
+    wait_until(lambda: harness.callers["a"].active == 0, 10, what="stuck calls return")
+    executions = harness.store.executions(job)
+    assert [e.state for e in executions] == [State.QUEUED] * 3
+    assert all(e.attempts == 0 and e.output is None for e in executions)
+
+
+def test_request_ids_name_job_execution_and_attempt(harness: Harness) -> None:
+    job = harness.job(1, ["a"])
+    (claim,) = harness.store.claim(REGIONS["a"].spec(), 1, time.time(), 5, "w", 20)
+    assert request_id_for(claim) == f"{job}.{claim.execution_id}.1"
