@@ -55,12 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="threads per worker (GUNICORN_THREADS, 2)")
     serve.add_argument("--worker-class", choices=["gthread", "gevent"])
     serve.set_defaults(func=_serve)
-    try:
-        from .dispatcher import cli as dispatcher_cli
-    except ImportError:  # the dispatcher is optional at this stage of the build
-        dispatcher_cli = None  # type: ignore[assignment]
-    if dispatcher_cli is not None and hasattr(dispatcher_cli, "add_commands"):
-        dispatcher_cli.add_commands(sub)
+    from .dispatcher import cli as dispatcher_cli
+
+    dispatcher_cli.add_commands(sub)
     return parser
 
 

@@ -239,7 +239,7 @@ def create_job(body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str
         ) from None
     logger.info(
         "job submitted",
-        extra={"job_id": job.id, "tenant": job.tenant, "total": job.total, "created": created},
+        extra={"job_id": job.id, "tenant": job.tenant, "total": job.total, "new_job": created},
     )
     view = job_view(job, st.store.job_counts(job.id), now)
     return view, 201 if created else 200, {"Location": f"/jobs/{job.id}"}

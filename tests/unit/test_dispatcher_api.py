@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +98,14 @@ def test_submit_and_read_a_job(env: Env) -> None:
     assert job["eta_s"] is None
     again = env.client.get(f"/jobs/{job['id']}", headers=ALICE)
     assert again.status_code == 200 and again.get_json()["id"] == job["id"]
+
+
+def test_submit_works_with_info_logging_on(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    # production logs at INFO: a log call with a reserved LogRecord key broke POST /jobs
+    caplog.set_level(logging.INFO, logger="executor_service")
+    r = env.submit(JOB)
+    assert r.status_code == 201
+    assert any(rec.getMessage() == "job submitted" for rec in caplog.records)
 
 
 def test_idempotency_key_same_body_same_job_other_body_409(env: Env) -> None:
