@@ -38,6 +38,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < float("inf"):  # also rejects nan
+        raise ValueError("expected a finite number >= 0")
+    return value
+
+
 def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
@@ -157,6 +164,11 @@ class Settings:
     )
     circuit_cooldown_s: float = field(
         default=30.0, metadata={"env": "ES_CIRCUIT_COOLDOWN_S", "parse": _positive_float}
+    )
+    # A failover-any retry that failed in a region is taken back by that region only
+    # once it has been due this long: other (healthy) regions get it first.
+    retry_handoff_s: float = field(
+        default=0.5, metadata={"env": "ES_RETRY_HANDOFF_S", "parse": _non_negative_float}
     )
     # How often an idle region asks the store for work submitted by another
     # process; local completions and due retries wake it at once.

@@ -1,13 +1,14 @@
 """The dispatcher runtime: one claim loop and one thread pool per region, a heartbeat
 and a reaper.
 
-Each region claims only for its own free slots and runs calls on its own pool
-of ``concurrency`` threads, so a slow or broken region never holds up another.
-A region's loop wakes on a short poll interval (work submitted through the API,
-or by another process), immediately when one of its calls finishes (a slot is
-free), and exactly when a retry scheduled by this process becomes due. The
-heartbeat extends the leases of calls in flight; the reaper returns expired
-leases (a crashed process's calls) to the queue. Stopping stops claiming, lets
+Each region claims only for its own free slots and runs calls on its own pool of
+``concurrency`` threads, so a slow or broken region never holds up another. A region's
+loop wakes on a short poll interval (work submitted through the API, or by another
+process), immediately when one of its calls finishes (a slot is free), and when a retry
+scheduled by this process becomes due (and again after its hand-off delay). While a
+region's circuit is open, its queued failover-any work is handed to the other regions
+(circuit.py). The heartbeat extends the leases of calls in flight; the reaper returns
+expired leases (a crashed process's calls) to the queue. Stopping stops claiming, lets
 calls in flight finish within a grace period, and releases what remains.
 """
 
@@ -28,17 +29,11 @@ from typing import Any, Protocol
 
 from ..config import Settings
 from . import metrics
+from .circuit import RegionCircuit
 from .client import CallResult, ExecutorClient, Outcome
 from .regions import Region, Regions
-from .scheduler import (
-    BackoffPolicy,
-    CircuitBreaker,
-    CircuitChange,
-    CircuitState,
-    Clock,
-    RetryScheduler,
-)
-from .store.base import Claim, Store
+from .scheduler import BackoffPolicy, Clock, RetryScheduler
+from .store.base import DEFAULT_RETRY_HANDOFF_S, Claim, Store
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +65,7 @@ class WorkerConfig:
     shutdown_grace_s: float = 30.0
     circuit_threshold: int = 5
     circuit_cooldown_s: float = 30.0
+    retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
 
     @classmethod
@@ -81,6 +77,7 @@ class WorkerConfig:
             shutdown_grace_s=settings.shutdown_grace_s,
             circuit_threshold=settings.circuit_threshold,
             circuit_cooldown_s=settings.circuit_cooldown_s,
+            retry_handoff_s=settings.retry_handoff_s,
             backoff=BackoffPolicy.from_settings(settings),
         )
 
@@ -156,8 +153,8 @@ class RegionWorker:
         self.clock = clock
         self.worker_id = worker_id
         self.on_retry_scheduled = on_retry_scheduled
-        self.breaker = CircuitBreaker(
-            config.circuit_threshold, config.circuit_cooldown_s, clock, self._publish_circuit
+        self.circuit = RegionCircuit(
+            region.name, store, config.circuit_threshold, config.circuit_cooldown_s, clock
         )
         self._cond = threading.Condition()
         self._woken = False
@@ -170,7 +167,7 @@ class RegionWorker:
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
         self._pool = DaemonPool(self.region.concurrency, f"call-{self.region.name}")
-        self._publish_circuit(CircuitChange(CircuitState.CLOSED, None))
+        self.circuit.start()
         self._thread = threading.Thread(
             target=self._loop, name=f"claim-{self.region.name}", daemon=True
         )
@@ -259,14 +256,14 @@ class RegionWorker:
         """Claim for the free slots and start the calls. Returns how long to wait before
         claiming again (0: at once, there may be more work for free slots)."""
         poll = self.config.claim_poll_s
+        self.circuit.divert_if_due()  # circuit not closed: queued work goes elsewhere
         with self._cond:
             free = self.region.concurrency - len(self._inflight)
         if free <= 0:
             return poll  # a finishing call wakes us sooner
-        allowed = self.breaker.allowance(free)
+        allowed = self.circuit.allowance(free)
         if allowed <= 0:
-            until_probe = self.breaker.seconds_until_probe()
-            return poll if until_probe is None else min(max(until_probe, 0.001), poll * 10)
+            return self.circuit.pause_s(poll)
         started = time.monotonic()
         try:
             claims = self.store.claim(
@@ -276,13 +273,13 @@ class RegionWorker:
                 self.config.lease_s,
                 self.worker_id,
                 self.config.tenant_batch,
+                self.config.retry_handoff_s,
             )
         except Exception:
             logger.exception("claim failed", extra={"region": self.region.name})
             return STORE_ERROR_PAUSE_S
         metrics.CLAIM_SECONDS.labels(self.region.name).observe(time.monotonic() - started)
-        if claims and self.breaker.state is CircuitState.HALF_OPEN:
-            self.breaker.probe_started()
+        self.circuit.claimed(len(claims))
         for claim in claims:
             self._start(claim)
         return 0.0 if len(claims) == allowed and allowed == free else poll
@@ -329,7 +326,7 @@ class RegionWorker:
             logger.exception("recording the result failed", extra=log)
         finally:
             if result is not None:
-                self.breaker.record(result.verdict)
+                self.circuit.record(result.verdict)
             with self._cond:
                 self._inflight.pop(claim.execution_id, None)
                 self._woken = True
@@ -337,12 +334,7 @@ class RegionWorker:
             metrics.IN_FLIGHT.labels(name).dec()
 
     def _record(
-        self,
-        claim: Claim,
-        result: CallResult,
-        started: float,
-        finished: float,
-        log: dict[str, Any],
+        self, claim: Claim, result: CallResult, started: float, finished: float, log: dict[str, Any]
     ) -> None:
         name = self.region.name
         if result.ok:
@@ -354,46 +346,26 @@ class RegionWorker:
                 logger.info("call succeeded", extra=log)
         else:
             error = dict(result.error or {"code": "unknown", "message": "no error recorded"})
+            retryable = result.outcome is Outcome.RETRYABLE
             decision = self.retries.after_failure(
-                claim.attempt,
-                claim.max_attempts,
-                result.outcome is Outcome.RETRYABLE,
-                result.retry_after_s,
+                claim.attempt, claim.max_attempts, retryable, result.retry_after_s
             )
-            if decision.gave_up is not None:
-                error["gave_up"] = decision.gave_up.value
+            gave_up = decision.gave_up.value if decision.gave_up else None
+            if gave_up is not None:
+                error["gave_up"] = gave_up
             written = self.store.fail(
                 claim.execution_id, claim.token, error, finished, started, decision.retry_at
             )
             if written and decision.retry_at is not None:
                 metrics.RETRY_WAIT_SECONDS.labels(name).observe(decision.delay_s)
                 self.on_retry_scheduled(decision.retry_at)
-            if written and decision.gave_up is not None:
-                metrics.DEAD_LETTERS.labels(name, decision.gave_up.value).inc()
-            logger.info(
-                "call failed",
-                extra={
-                    **log,
-                    "error": error.get("code"),
-                    "retry_at": decision.retry_at,
-                    "gave_up": decision.gave_up.value if decision.gave_up else None,
-                },
-            )
+            if written and gave_up is not None:
+                metrics.DEAD_LETTERS.labels(name, gave_up).inc()
+            failed = {"error": error.get("code"), "retry_at": decision.retry_at, "gave_up": gave_up}
+            logger.info("call failed", extra={**log, **failed})
         if not written:
             metrics.LOST_LEASES.labels(name).inc()
             logger.warning("lease lost before the result was written; discarded", extra=log)
-
-    def _publish_circuit(self, change: CircuitChange) -> None:
-        if change.state is not CircuitState.CLOSED:
-            logger.warning(
-                "circuit %s",
-                change.state.value,
-                extra={"region": self.region.name, "open_until": change.open_until},
-            )
-        try:
-            self.store.set_circuit(self.region.name, change.state.value, change.open_until)
-        except Exception:
-            logger.exception("set_circuit failed", extra={"region": self.region.name})
 
 
 def default_worker_id() -> str:
@@ -439,9 +411,11 @@ class Dispatcher:
         self._started = False
 
     def _retry_scheduled(self, when: float) -> None:
-        # Any region may take the retry (failover), so wake them all when it is due.
+        # Any region may take the retry (failover): wake them all when it is due, and when
+        # the hand-off lets the region it failed in take it back.
         for worker in self.workers.values():
             worker.wake_at(when)
+            worker.wake_at(when + self.config.retry_handoff_s)
 
     def start(self) -> Dispatcher:
         if self._started:

@@ -4,7 +4,9 @@ only in a.
 
 Region a's executor always fails (502 provider_error); b answers. Backoff without jitter
 (0.3 s for a first failure) so the expected start is known. Where a must not take its own
-retry back, its circuit opens after one failure and stays open.
+retry back, its circuit opens after one failure and stays open, except in the test of the
+retry hand-off, which shows that a failing region leaves its due retry to an idle region
+even with no circuit.
 """
 
 from __future__ import annotations
@@ -144,3 +146,20 @@ def test_failover_none_retries_only_in_the_requested_region(
     assert sorted(mine) == [f"{job['id']}.{e['id']}.{n}" for n in (1, 2, 3)]
     assert set(mine.values()) == {1}
     assert f"{job['id']}." not in b.log()
+
+
+def test_a_failing_region_leaves_its_due_retry_to_the_idle_region(
+    tmp_path: Path, executors: tuple[Gunicorn, Gunicorn]
+) -> None:
+    # No circuit: a wakes when its retry falls due just as b does; only the hand-off
+    # (a takes back its own failover-any retry 0.5 s after it is due, at the earliest)
+    # keeps a from spending the attempts itself.
+    with dispatcher(tmp_path, executors, ES_CIRCUIT_THRESHOLD="100") as d:
+        api = d.api()
+        job = api.submit(
+            {"questions": ["q"], "models": ["sim"], "regions": ["a"], "max_attempts": 3}
+        )
+        wait_finished(api, job["id"])
+        e = only(api.results(job["id"])["executions"])
+    assert e["state"] == "succeeded" and e["executed_region"] == "b"
+    assert [att["region"] for att in e["attempt_log"]] == ["a", "b"]

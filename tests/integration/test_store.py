@@ -17,6 +17,7 @@ from store_fixtures import PostgresDatabases, sqlite_url
 
 from executor_service.dispatcher.store import DatabaseURLError, open_store
 from executor_service.dispatcher.store.base import (
+    DEFAULT_RETRY_HANDOFF_S,
     Claim,
     Execution,
     Failover,
@@ -83,8 +84,9 @@ def claim(
     limit: int = 100,
     now: float = T0,
     tenant_batch: int = 1_000,
+    retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S,
 ) -> list[Claim]:
-    return store.claim(region, limit, now, LEASE_S, "worker-1", tenant_batch)
+    return store.claim(region, limit, now, LEASE_S, "worker-1", tenant_batch, retry_handoff_s)
 
 
 def execution(store: Store, job_id: str, execution_id: int) -> Execution:
@@ -172,7 +174,7 @@ def test_claim_takes_global_retries_then_own_retries_then_new_work(store: Store)
     fail_in(store, R1, here.id, T0 + 3, due=T0 + 5)  # r1's own retry
     fresh, _ = store.create_job(make_job(tenant="c", questions=1, regions=("r1",)), T0 + 4)
 
-    claims = claim(store, R1, now=T0 + 5)
+    claims = claim(store, R1, now=T0 + 6)  # both due, and past the own retry's hand-off
 
     assert [(c.job_id, c.source) for c in claims] == [
         (elsewhere.id, "global_retry"),
@@ -180,7 +182,7 @@ def test_claim_takes_global_retries_then_own_retries_then_new_work(store: Store)
         (fresh.id, "new"),
     ]
     assert [c.attempt for c in claims] == [2, 2, 1]
-    assert all(c.region == "r1" and c.lease_expires_at == T0 + 5 + LEASE_S for c in claims)
+    assert all(c.region == "r1" and c.lease_expires_at == T0 + 6 + LEASE_S for c in claims)
 
 
 def test_the_global_retry_queue_serves_the_oldest_failure_first(store: Store) -> None:
@@ -214,12 +216,70 @@ def test_a_region_never_claims_a_model_it_does_not_serve(store: Store) -> None:
 
 
 def test_retries_are_claimed_only_once_due(store: Store) -> None:
-    store.create_job(make_job(questions=1), T0)
+    store.create_job(make_job(questions=1, failover=Failover.NONE), T0)
     (c,) = claim(store)
     assert store.fail(c.execution_id, c.token, {"code": "http_500"}, T0 + 1, T0, T0 + 10)
 
     assert claim(store, now=T0 + 9.9) == []
     assert [x.execution_id for x in claim(store, now=T0 + 10)] == [c.execution_id]
+
+
+def test_a_region_takes_its_own_failed_retry_back_only_after_the_hand_off(
+    store: Store,
+) -> None:
+    """A failover-any retry that failed in r1 is r2's the moment it is due; r1 itself gets
+    it back only once it has been due for the hand-off delay (so it is never stranded)."""
+    job, _ = store.create_job(make_job(questions=3, regions=("r1",)), T0)
+    for question in range(3):
+        fail_in(store, R1, job.id, T0 + 1 + question / 10, due=T0 + 5)
+    after_handoff = T0 + 5 + DEFAULT_RETRY_HANDOFF_S
+
+    assert claim(store, R1, now=T0 + 5) == []
+    assert claim(store, R1, now=after_handoff - 0.01) == []
+    taken_by_r2 = claim(store, R2, limit=1, now=T0 + 5)
+    assert [(c.source, c.attempt) for c in taken_by_r2] == [("global_retry", 2)]
+    # the hand-off is the caller's setting: none at all gives it back at once
+    assert [c.source for c in claim(store, R1, limit=1, now=T0 + 5, retry_handoff_s=0)] == [
+        "own_retry"
+    ]
+    (back,) = claim(store, R1, now=after_handoff)
+    assert (back.source, back.attempt, back.region) == ("own_retry", 2, "r1")
+    assert store.queue_stats(after_handoff, [R1, R2]).global_retry == 0
+
+
+def test_divert_queued_hands_a_regions_failover_any_work_to_other_regions(
+    store: Store,
+) -> None:
+    """What a region whose circuit opens does with its queued work: failover-any work goes
+    to the global retry queue (no attempt used), failover-none work waits for the region."""
+    moving, _ = store.create_job(make_job(tenant="a", questions=3, regions=("r1",)), T0)
+    waiting, _ = store.create_job(
+        make_job(tenant="b", questions=2, regions=("r1",), failover=Failover.NONE), T0
+    )
+    elsewhere, _ = store.create_job(make_job(tenant="c", questions=1, regions=("r2",)), T0)
+    (running,) = claim(store, R1, limit=1)  # in flight in r1: not queued, not moved
+    assert running.job_id == moving.id
+
+    assert store.divert_queued("r1", T0 + 1) == 2
+
+    assert store.job_counts(moving.id) == {"r1": {"leased": 1, "retry_wait": 2}}
+    assert store.job_counts(waiting.id) == {"r1": {"queued": 2}}
+    assert store.job_counts(elsewhere.id) == {"r2": {"queued": 1}}
+    for e in store.executions(moving.id):
+        if e.id != running.execution_id:
+            assert (e.state, e.attempts, e.attempt_log, e.due_at) == ("retry_wait", 0, [], T0 + 1)
+    assert store.queue_stats(T0 + 1, [R1]).global_retry == 2
+    assert store.divert_queued("r1", T0 + 2) == 0  # nothing left to move
+
+    # r2 takes them from the global retry queue, ahead of its own new work, as first attempts
+    claims = claim(store, R2, now=T0 + 1)
+    assert [(c.job_id, c.source, c.attempt, c.region) for c in claims] == [
+        (moving.id, "global_retry", 1, "r2"),
+        (moving.id, "global_retry", 1, "r2"),
+        (elsewhere.id, "new", 1, "r2"),
+    ]
+    # r1 (circuit half-open again, say) still finds its failover-none work queued
+    assert {c.job_id for c in claim(store, R1, now=T0 + 3)} == {waiting.id}
 
 
 def test_new_work_is_shared_round_robin_across_tenants(store: Store) -> None:
@@ -324,7 +384,7 @@ def test_a_stale_lease_cannot_write_after_it_was_reaped_and_reclaimed(store: Sto
     job, _ = store.create_job(make_job(questions=1), T0)
     (stale,) = claim(store)
     assert store.reap_expired(T0 + LEASE_S + 1) == 1
-    (fresh,) = claim(store, now=T0 + LEASE_S + 1)
+    (fresh,) = claim(store, now=T0 + LEASE_S + 1 + DEFAULT_RETRY_HANDOFF_S)
     assert fresh.execution_id == stale.execution_id and fresh.token != stale.token
 
     assert not store.complete(stale.execution_id, stale.token, {"output": "late"}, T0 + 40, T0)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import pytest
 
+from executor_service.dispatcher.circuit import RegionCircuit
 from executor_service.dispatcher.scheduler import (
     RETRY_AFTER_CAP_S,
     BackoffPolicy,
@@ -17,6 +19,7 @@ from executor_service.dispatcher.scheduler import (
     Jitter,
     RetryScheduler,
 )
+from executor_service.dispatcher.store.base import Store
 
 
 class FakeClock:
@@ -114,3 +117,52 @@ def test_half_open_allows_one_probe_that_closes_or_reopens() -> None:
         CircuitState.HALF_OPEN,
         CircuitState.CLOSED,
     ]
+
+
+class CircuitStore:
+    """The two store calls a region's circuit makes, recorded."""
+
+    def __init__(self) -> None:
+        self.states: list[str] = []
+        self.diverts: list[float] = []
+
+    def set_circuit(self, region: str, state: str, open_until: float | None) -> None:
+        self.states.append(state)
+
+    def divert_queued(self, region: str, now: float) -> int:
+        self.diverts.append(now)
+        return 0
+
+
+def test_a_region_circuit_diverts_queued_work_while_it_is_not_closed() -> None:
+    """Diverted when the circuit opens (a trip or a failed probe), then again every
+    cool-down while not closed (here: a probe still running); never while closed."""
+    clock, store = FakeClock(1000.0), CircuitStore()
+    circuit = RegionCircuit("r", cast(Store, store), threshold=2, cooldown_s=10.0, clock=clock)
+    circuit.start()
+    circuit.record(CallVerdict.UNHEALTHY)
+    circuit.divert_if_due()
+    assert store.diverts == []  # closed
+    circuit.record(CallVerdict.UNHEALTHY)  # trips: open until 1010
+    assert store.diverts == [1000.0]
+    clock.advance(9.9)
+    circuit.divert_if_due()
+    assert store.diverts == [1000.0]  # not a cool-down yet
+    clock.advance(0.1)
+    assert circuit.allowance(4) == 1  # half-open: one probe ...
+    circuit.claimed(1)
+    assert circuit.allowance(4) == 0
+    clock.advance(10.0)
+    circuit.divert_if_due()  # ... still running a cool-down later
+    assert store.diverts == [1000.0, 1020.0]
+    clock.advance(1.0)
+    circuit.record(CallVerdict.UNHEALTHY)  # the probe failed: open again
+    assert store.diverts == [1000.0, 1020.0, 1021.0]
+    clock.advance(10.0)
+    assert circuit.allowance(4) == 1
+    circuit.claimed(1)
+    circuit.record(CallVerdict.HEALTHY)  # closed
+    clock.advance(100.0)
+    circuit.divert_if_due()
+    assert store.diverts == [1000.0, 1020.0, 1021.0]
+    assert store.states == ["closed", "open", "half_open", "open", "half_open", "closed"]

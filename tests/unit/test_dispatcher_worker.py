@@ -176,8 +176,8 @@ def test_a_retryable_failure_is_retried_with_the_error_recorded(harness: Harness
 
 def test_failover_any_moves_failed_work_to_a_healthy_region(harness: Harness) -> None:
     harness.behaviours["a"] = down
-    # A failing region may also take back its own retries (claim order 2); its circuit
-    # opening after the first failure is what hands the work to b for good.
+    # a's circuit opens after its first failure: the calls it already started fail, the
+    # rest of its queued work is handed to b without being tried in a.
     config = WorkerConfig(
         lease_s=5,
         claim_poll_s=0.05,
@@ -187,10 +187,79 @@ def test_failover_any_moves_failed_work_to_a_healthy_region(harness: Harness) ->
     )
     job = harness.job(4, ["a"], failover=Failover.ANY, max_attempts=5)
     harness.dispatcher(config).start()
-    for e in harness.finished(job):
+    executions = harness.finished(job)
+    for e in executions:
         assert e.state is State.SUCCEEDED
         assert e.requested_region == "a" and e.executed_region == "b"
-        assert e.attempt_log[0].region == "a" and e.attempt_log[-1].region == "b"
+        assert e.attempt_log[-1].region == "b" and e.attempt_log[-1].ok
+        assert all(a.error["code"] == "connection_error" for a in e.attempt_log[:-1])
+        assert {a.region for a in e.attempt_log[:-1]} <= {"a"}
+    tried_in_a = [e for e in executions if e.attempt_log[0].region == "a"]
+    assert 1 <= len(tried_in_a) <= 2  # a's two slots at most, never all four
+
+
+def test_a_failing_regions_retry_goes_to_the_idle_region_first(harness: Harness) -> None:
+    # No circuit: only the hand-off keeps a from taking its own retries back when due.
+    harness.behaviours["a"] = down
+    job = harness.job(4, ["a"], failover=Failover.ANY, max_attempts=5)
+    harness.dispatcher().start()
+    for e in harness.finished(job):
+        assert e.state is State.SUCCEEDED and e.executed_region == "b"
+        assert [a.region for a in e.attempt_log] == ["a", "b"]
+
+
+def test_an_open_circuit_hands_the_regions_queued_work_to_other_regions(
+    harness: Harness,
+) -> None:
+    """a's first call fails and opens its circuit: a's queued failover-any work runs in b
+    without a try in a, its failover-none work waits. Work submitted while a's half-open
+    probe hangs is handed over too: the divert repeats every cool-down."""
+    probe_started, release_probe = threading.Event(), threading.Event()
+    calls_in_a: list[str] = []
+
+    def failing(region: str, prompt: str, rid: str) -> CallResult:
+        calls_in_a.append(rid)
+        if len(calls_in_a) > 1:  # the probe after the cool-down hangs (past the waits below)
+            probe_started.set()
+            release_probe.wait(60)
+        return down(region, prompt, rid)
+
+    harness.behaviours["a"] = failing
+    config = WorkerConfig(
+        lease_s=5,
+        claim_poll_s=0.05,
+        circuit_threshold=1,
+        circuit_cooldown_s=0.2,
+        backoff=BackoffPolicy(0.01, 0.05, Jitter.NONE),
+    )
+    regions = Regions.from_mapping(
+        {
+            "regions": {
+                "a": {"url": "http://a", "concurrency": 1, "models": ["m"]},
+                "b": {"url": "http://b", "concurrency": 2, "models": ["m"]},
+            }
+        }
+    )
+    first = harness.job(6, ["a"], failover=Failover.ANY, max_attempts=3)
+    waits = harness.job(2, ["a"], failover=Failover.NONE, max_attempts=3)
+    harness.dispatcher(config, regions).start()
+
+    executions = harness.finished(first)
+    assert all(e.state is State.SUCCEEDED and e.executed_region == "b" for e in executions)
+    assert sorted(len(e.attempt_log) for e in executions) == [1, 1, 1, 1, 1, 2]
+    assert probe_started.wait(10)
+    try:
+        # a can claim nothing while its probe hangs: only a divert lets this run
+        later = harness.job(5, ["a"], failover=Failover.ANY, max_attempts=3)
+        executions = harness.finished(later)
+        tried_in_a = list(calls_in_a)
+    finally:
+        release_probe.set()
+
+    assert all(e.state is State.SUCCEEDED and e.executed_region == "b" for e in executions)
+    assert all([a.region for a in e.attempt_log] == ["b"] for e in executions)
+    assert len(tried_in_a) == 2  # the first failure and the probe: nothing else tried in a
+    assert not any(entry.startswith("b:") and waits in entry for entry in harness.log)
 
 
 def test_failover_none_dead_letters_after_max_attempts_in_its_region(harness: Harness) -> None:

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+# How long a failover-any retry that failed in a region waits, once due, before that
+# same region may take it back (claim step 2): other regions' head start.
+DEFAULT_RETRY_HANDOFF_S = 0.5
+
 
 class StoreError(Exception):
     """The store failed."""
@@ -207,13 +211,20 @@ class Store(ABC):
         lease_s: float,
         worker: str,
         tenant_batch: int,
+        retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S,
     ) -> list[Claim]:
         """Lease up to ``limit`` executions for ``region``, never letting the region's
         leased count exceed ``region.concurrency`` across all processes. Order:
         1. global retry queue: retry_wait, due, failover any, model served by the
-           region, last failed in another region; oldest failure first;
+           region, last failed in another region; oldest failure first (this is also
+           where work diverted from a region with an open circuit is picked up);
         2. the region's own retries: retry_wait, due, requested here or (failover
-           any and last failed here);
+           any and last failed here). A failover-any execution that last failed
+           here is taken back only once it has been due for ``retry_handoff_s``:
+           other regions get a head start on it through step 1, so a failing
+           region does not spend every attempt itself. It still comes back after
+           the hand-off, so work no other region serves is never stranded.
+           Failover-none retries are taken as soon as they are due;
         3. new work requested here, round-robin across tenants (at most
            ``tenant_batch`` per tenant, tenants with fewer in flight here first),
            then job priority (high first), job age, question order.
@@ -253,6 +264,16 @@ class Store(ABC):
     def reap_expired(self, now: float, max_backoff_s: float = 0.0) -> int:
         """Expired leases become retry_wait due now (the attempt is recorded as
         error code lease_expired), or dead when attempts are exhausted. Returns count."""
+
+    @abstractmethod
+    def divert_queued(self, region: str, now: float) -> int:
+        """Hand a region's queued failover-any work to the other regions (its circuit
+        is open): those executions become retry_wait, due ``now``, with last_region =
+        ``region`` and failed_at = ``now``, without an attempt counted (they never
+        ran), so claim step 1 gives them to any other region serving the model.
+        Failover-none work stays queued: it waits for its region. Rows another
+        claimer holds locked right now are skipped (the next divert takes them).
+        Returns how many were moved."""
 
     # -- regions ------------------------------------------------------------
     @abstractmethod

@@ -17,6 +17,10 @@ Concurrency, the part that matters:
   FOR SHARE before the execution row, and cancel_job updates the job row before
   its executions: the same lock order everywhere, no deadlock, and a failure
   racing a cancel cannot leave a retry behind for a cancelled job.
+- divert_queued (a region's circuit opened) locks the rows it moves with
+  ``FOR UPDATE SKIP LOCKED``: it never waits for a claimer or a cancel holding
+  some of them, so it cannot deadlock with either; what it skips, the next
+  divert (one cool-down later) moves.
 - complete/fail/heartbeat/release match on id, lease token and state leased;
   PostgreSQL re-checks that condition after waiting for a concurrent writer,
   so a stale token never writes.
@@ -36,6 +40,7 @@ from psycopg_pool import ConnectionPool
 
 from executor_service.dispatcher.store import common
 from executor_service.dispatcher.store.base import (
+    DEFAULT_RETRY_HANDOFF_S,
     Claim,
     Execution,
     IdempotencyConflict,
@@ -205,6 +210,7 @@ class PostgresStore(Store):
         lease_s: float,
         worker: str,
         tenant_batch: int,
+        retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S,
     ) -> list[Claim]:
         if limit <= 0 or not region.models:
             return []
@@ -215,6 +221,8 @@ class PostgresStore(Store):
             "now": now,
             "expires": now + lease_s,
             "worker": worker,
+            # a failover-any retry that failed here is ours again once due by then
+            "handoff_due": now - max(0.0, retry_handoff_s),
         }
         with self._transaction() as cur:
             cur.execute(Q["lock_region"], args)
@@ -376,6 +384,13 @@ class PostgresStore(Store):
         if reaped:
             logger.warning("reaped %d expired leases", reaped)
         return reaped
+
+    def divert_queued(self, region: str, now: float) -> int:
+        with self._transaction() as cur:
+            moved = cur.execute(Q["divert_queued"], {"region": region, "now": now}).rowcount
+        if moved:
+            logger.info("diverted %d queued executions away from region %s", moved, region)
+        return moved
 
     # -- regions --------------------------------------------------------------
     def set_circuit(self, region: str, state: str, open_until: float | None) -> None:

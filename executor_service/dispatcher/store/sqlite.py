@@ -27,6 +27,7 @@ from typing import Any
 
 from executor_service.dispatcher.store import common
 from executor_service.dispatcher.store.base import (
+    DEFAULT_RETRY_HANDOFF_S,
     Claim,
     Execution,
     IdempotencyConflict,
@@ -227,6 +228,7 @@ class SQLiteStore(Store):
         lease_s: float,
         worker: str,
         tenant_batch: int,
+        retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S,
     ) -> list[Claim]:
         if limit <= 0 or not region.models:
             return []
@@ -236,6 +238,8 @@ class SQLiteStore(Store):
             "now": now,
             "expires": now + lease_s,
             "worker": worker,
+            # a failover-any retry that failed here is ours again once due by then
+            "handoff_due": now - max(0.0, retry_handoff_s),
         }
         with self._transaction(write=True) as db:
             leased = db.execute(Q["count_leased"], args).fetchone()["n"]
@@ -377,6 +381,13 @@ class SQLiteStore(Store):
         if reaped:
             logger.warning("reaped %d expired leases", reaped)
         return reaped
+
+    def divert_queued(self, region: str, now: float) -> int:
+        with self._transaction(write=True) as db:
+            moved = db.execute(Q["divert_queued"], {"region": region, "now": now}).rowcount
+        if moved:
+            logger.info("diverted %d queued executions away from region %s", moved, region)
+        return moved
 
     # -- regions --------------------------------------------------------------
     def set_circuit(self, region: str, state: str, open_until: float | None) -> None:

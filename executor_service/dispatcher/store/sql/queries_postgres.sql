@@ -62,14 +62,18 @@ FOR UPDATE SKIP LOCKED;
 -- Two index range scans (requested here; failed here and free to move), merged.
 -- Not locked here: one OR query with FOR UPDATE lets the planner read every
 -- waiting retry of the region (and worse, before statistics exist).
+-- A failover-any retry that failed here comes back only once due for the hand-off
+-- delay (handoff_due = now - retry_handoff_s): other regions get it first.
 SELECT id FROM (
     (SELECT id, due_at FROM executions
      WHERE state = 'retry_wait' AND due_at <= %(now)s AND requested_region = %(region)s
+       AND (failover = 'none' OR last_region IS DISTINCT FROM %(region)s
+            OR due_at <= %(handoff_due)s)
        AND model = ANY(%(models)s::text[]) AND NOT (id = ANY(%(taken)s::bigint[]))
      ORDER BY due_at, id LIMIT %(n)s)
     UNION ALL
     (SELECT id, due_at FROM executions
-     WHERE state = 'retry_wait' AND due_at <= %(now)s AND failover = 'any'
+     WHERE state = 'retry_wait' AND due_at <= %(handoff_due)s AND failover = 'any'
        AND last_region = %(region)s AND requested_region <> %(region)s
        AND model = ANY(%(models)s::text[]) AND NOT (id = ANY(%(taken)s::bigint[]))
      ORDER BY due_at, id LIMIT %(n)s)) AS candidates
@@ -77,12 +81,14 @@ ORDER BY due_at, id LIMIT %(n)s;
 
 -- name: lock_candidates
 -- Lock each candidate by primary key, in order, skipping those another claimer holds.
--- The state and due time are re-checked on a row changed since it was read (READ
--- COMMITTED), so a retry another region has just taken is skipped, not taken twice.
+-- The state, due time and hand-off are re-checked on a row changed since it was read
+-- (READ COMMITTED), so a retry another region has just taken is skipped, not taken twice.
 SELECT c.id FROM unnest(%(candidates)s::bigint[]) WITH ORDINALITY AS c(id, ord)
 CROSS JOIN LATERAL (
     SELECT e.id FROM executions e
     WHERE e.id = c.id AND e.state = 'retry_wait' AND e.due_at <= %(now)s
+      AND (e.failover = 'none' OR e.last_region IS DISTINCT FROM %(region)s
+           OR e.due_at <= %(handoff_due)s)
     FOR UPDATE SKIP LOCKED) AS locked
 ORDER BY c.ord;
 
@@ -122,6 +128,18 @@ RETURNING e.id, e.job_id, e.tenant, e.question_index, e.question, e.model,
 
 -- name: job_params
 SELECT id, params FROM jobs WHERE id = ANY(%(job_ids)s::text[]);
+
+-- name: divert_queued
+-- A region whose circuit is open hands its queued failover-any work to the global
+-- retry queue: due now, failed "here", no attempt counted (it never ran). SKIP
+-- LOCKED: never waits for a claimer or a cancel holding some of these rows (so no
+-- lock-order deadlock with them); a row skipped now is moved by the next divert.
+UPDATE executions AS e
+SET state = 'retry_wait', due_at = %(now)s, failed_at = %(now)s, last_region = %(region)s
+FROM (SELECT id FROM executions
+      WHERE state = 'queued' AND requested_region = %(region)s AND failover = 'any'
+      FOR UPDATE SKIP LOCKED) AS q
+WHERE e.id = q.id;
 
 -- name: heartbeat
 UPDATE executions AS e SET lease_expires_at = %(expires)s

@@ -51,17 +51,20 @@ ORDER BY failed_at, id LIMIT :n;
 
 -- name: own_retries
 -- Two index range scans (requested here; failed here and free to move), merged.
+-- A failover-any retry that failed here comes back only once due for the hand-off
+-- delay (:handoff_due = now - retry_handoff_s): other regions get it first.
 SELECT id FROM (
     SELECT * FROM (
         SELECT id, due_at FROM executions
         WHERE state = 'retry_wait' AND requested_region = :region AND due_at <= :now
+          AND (failover = 'none' OR last_region IS NOT :region OR due_at <= :handoff_due)
           AND model IN (SELECT value FROM json_each(:models))
           AND id NOT IN (SELECT value FROM json_each(:taken))
         ORDER BY due_at, id LIMIT :n)
     UNION ALL
     SELECT * FROM (
         SELECT id, due_at FROM executions
-        WHERE state = 'retry_wait' AND last_region = :region AND due_at <= :now
+        WHERE state = 'retry_wait' AND last_region = :region AND due_at <= :handoff_due
           AND failover = 'any' AND requested_region <> :region
           AND model IN (SELECT value FROM json_each(:models))
           AND id NOT IN (SELECT value FROM json_each(:taken))
@@ -102,6 +105,13 @@ RETURNING id, job_id, tenant, question_index, question, model, requested_region,
 
 -- name: job_params
 SELECT id, params FROM jobs WHERE id IN (SELECT value FROM json_each(:job_ids));
+
+-- name: divert_queued
+-- A region whose circuit is open hands its queued failover-any work to the global
+-- retry queue: due now, failed "here", no attempt counted (it never ran).
+UPDATE executions
+SET state = 'retry_wait', due_at = :now, failed_at = :now, last_region = :region
+WHERE state = 'queued' AND requested_region = :region AND failover = 'any';
 
 -- name: heartbeat
 UPDATE executions SET lease_expires_at = :expires
