@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from support import free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from executor_service.config import Settings
 from support import REPO
+
+from executor_service.config import Settings
 
 
 def test_every_setting_is_in_the_readme() -> None:
