@@ -1,0 +1,338 @@
+"""D4: the dispatcher's throughput with an instant executor, against the raw request rate.
+
+Target (DESIGN.md): completed executions per second >= 0.5x the request rate the
+same executor sustains from a plain client with the same concurrency, on SQLite
+and on PostgreSQL.
+
+The executor is a real gunicorn (gevent, ``--executor-workers`` workers) serving
+simulated models with latency 0, so every figure is overhead: the dispatcher's
+claim, HTTP call and result write per execution, or the plain client's HTTP call.
+
+- Baseline: a plain client in this process, ``--concurrency`` threads sharing one
+  ``requests`` session with a pool of that size (what the dispatcher's executor
+  client uses), each posting the same ``/execute`` body in a loop; 200s counted
+  over ``--duration`` s after ``--warmup`` s. Measured before the first
+  dispatcher run and after each one (runs interleave: plain, SQLite, plain,
+  PostgreSQL, plain, ... for ``--rounds`` rounds); a run's baseline is the mean
+  of the two plain-client runs beside it (their gap shows how much the machine
+  drifted), and each store's figure is the median of its runs' ratios.
+- Dispatcher: the real ``executor-service dispatcher`` (package defaults) with one
+  region of ``--concurrency`` slots, and one job big enough to outlast the
+  measurement; ``succeeded`` is read from ``GET /jobs/<id>`` every 0.5 s, and the
+  rate is taken over the same warm-up and duration. The job is then cancelled.
+  The region-worker process's CPU use is printed too: at ~1 core it is bound
+  by its own Python (one GIL for every region's threads).
+
+    .venv/bin/python bench/dispatcher_throughput.py
+    .venv/bin/python bench/dispatcher_throughput.py --stores sqlite --concurrency 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+from contextlib import ExitStack, suppress
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from common import (
+    Dispatcher,
+    Executor,
+    RegionConf,
+    cpu_seconds,
+    machine,
+    median,
+    noisy,
+    pids_with_cmdline,
+    store_url,
+    wait_job_finished,
+    workdir,
+    write_regions,
+)
+from requests.adapters import HTTPAdapter
+
+TARGET_RATIO = 0.5
+MAX_MODELS = 10
+MAX_QUESTIONS = 10_000  # ES_MAX_JOB_QUESTIONS default
+MAX_EXECUTIONS = 100_000  # ES_MAX_JOB_EXECUTIONS default
+PROMPT = "What is the capital of France?"
+POLL_S = 0.5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="D4: dispatcher executions/s vs a plain client's requests/s, same executor.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--concurrency", type=int, default=16, help="client threads = slots")
+    parser.add_argument("--executor-workers", type=int, default=2, help="gevent workers")
+    parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per store, interleaved")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--stores", default="sqlite,postgres", help="sqlite and/or postgres")
+    parser.add_argument("--claim-poll-s", type=float, help="ES_CLAIM_POLL_S (default: package's)")
+    parser.add_argument("--keep", action="store_true", help="keep the logs and the SQLite file")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    return parser
+
+
+def executor_cpu(ex: Executor) -> float:
+    """CPU seconds of the executor's worker processes so far."""
+    return sum(cpu_seconds(pid) for pid in ex.worker_pids())
+
+
+def plain_client(ex: Executor, concurrency: int, warmup: float, duration: float) -> dict[str, Any]:
+    """Requests/s of ``concurrency`` threads posting /execute in a closed loop, with the CPU
+    this process (the client) and the executor used over the measured window."""
+    url = ex.url + "/execute"
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=concurrency, max_retries=0)
+    session.mount("http://", adapter)
+    session.headers["Content-Type"] = "application/json"
+    start = time.monotonic()
+    t0, t1 = start + warmup, start + warmup + duration
+    counts = {"ok": 0, "other": 0}
+    lock = threading.Lock()
+
+    def loop(worker: int) -> None:
+        i = 0
+        while (now := time.monotonic()) < t1:
+            body = {"model": "sim-0", "prompt": PROMPT, "request_id": f"plain.{worker}.{i}",
+                    "timeout_s": 60.0}  # fmt: skip
+            i += 1
+            try:
+                status = session.post(url, data=json.dumps(body), timeout=(5, 65)).status_code
+            except requests.RequestException:
+                status = 0
+            if now >= t0 and time.monotonic() <= t1:
+                with lock:
+                    counts["ok" if status == 200 else "other"] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, t0 - time.monotonic()))
+    cpu0, ex0 = time.process_time(), executor_cpu(ex)
+    time.sleep(max(0.0, t1 - time.monotonic()))
+    cpu1, ex1 = time.process_time(), executor_cpu(ex)
+    for t in threads:
+        t.join()
+    session.close()
+    ok = max(counts["ok"], 1)
+    return {
+        "rate": counts["ok"] / duration,
+        **counts,
+        "client_cores": (cpu1 - cpu0) / duration,
+        "client_cpu_ms": 1000 * (cpu1 - cpu0) / ok,
+        "executor_cores": (ex1 - ex0) / duration,
+    }
+
+
+def store_cpu(db_name: str | None) -> float:
+    """CPU seconds so far of the PostgreSQL backends serving ``db_name`` (0 for SQLite:
+    its work is done inside the dispatcher's processes)."""
+    if db_name is None:
+        return 0.0
+    total = 0.0
+    for pid in pids_with_cmdline(f" {db_name} "):
+        with suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def describe(run: dict[str, Any]) -> str:
+    return (
+        f"{run['rate']:.1f} req/s ({run['other']} non-200); client {run['client_cores']:.2f} "
+        f"cores, {run['client_cpu_ms']:.2f} ms CPU per request; executor "
+        f"{run['executor_cores']:.2f} cores"
+    )
+
+
+def dispatcher_run(
+    store: str,
+    args: argparse.Namespace,
+    tmp: Path,
+    ex: Executor,
+    models: list[str],
+    size: int,
+) -> dict[str, Any]:
+    n_models = min(MAX_MODELS, max(1, math.ceil(size / MAX_QUESTIONS)))
+    questions = min(MAX_QUESTIONS, math.ceil(size / n_models))
+    env = {} if args.claim_poll_s is None else {"ES_CLAIM_POLL_S": str(args.claim_poll_s)}
+    with ExitStack() as stack:
+        url = stack.enter_context(store_url(store, tmp))
+        regions = write_regions(
+            tmp / f"regions-{store}.toml",
+            {"solo": RegionConf(ex.url, args.concurrency, tuple(models[:n_models]))},
+        )
+        dispatcher = Dispatcher(tmp, url, regions, env=env, name=f"dispatcher-{store}")
+        stack.callback(dispatcher.stop)
+        dispatcher.start()
+        api = dispatcher.api()
+        submit_started = time.monotonic()
+        job = api.submit(
+            {"questions": [f"q{i}" for i in range(questions)], "models": models[:n_models]}
+        )
+        submit_s = time.monotonic() - submit_started
+        t_start = time.monotonic()
+        # (time, succeeded, region-worker CPU s, API CPU s, executor CPU s, PostgreSQL CPU s)
+        samples: list[tuple[float, int, float, float, float, float]] = []
+        api_pids = [p for role, p in dispatcher.process_tree().items() if role != "region workers"]
+        # PostgreSQL backends serving this database (their titles name it): the store's CPU
+        db_name = urlsplit(url).path.lstrip("/") if store == "postgres" else None
+        finished_early = False
+        metrics_first: dict[str, float] = {}
+        metrics_last: dict[str, float] = {}
+        while True:
+            now = time.monotonic()
+            view = api.job(job["id"])
+            done = view["states"].get("succeeded", 0)
+            if now - t_start >= args.warmup:
+                metrics_now = dispatcher.metric_totals()
+                metrics_first = metrics_first or metrics_now
+                metrics_last = metrics_now
+                samples.append(
+                    (
+                        time.monotonic(),
+                        done,
+                        cpu_seconds(dispatcher.pid),
+                        sum(cpu_seconds(p) for p in api_pids),
+                        executor_cpu(ex),
+                        store_cpu(db_name),
+                    )
+                )
+            if view["state"] == "finished":
+                finished_early = True
+                break
+            if now - t_start >= args.warmup + args.duration:
+                break
+            time.sleep(POLL_S)
+        api.cancel(job["id"])
+        final = wait_job_finished(api, job["id"], timeout=120)["states"]
+    (ta, da, ca, aa, ea, sa), (tb, db, cb, ab, eb, sb) = samples[0], samples[-1]
+
+    def delta(name: str) -> float:
+        return metrics_last.get(name, 0.0) - metrics_first.get(name, 0.0)
+
+    claims = max(delta("dispatcher_claim_seconds_count"), 1.0)
+    calls = max(delta("dispatcher_call_seconds_count"), 1.0)
+    return {
+        "store": store,
+        "rate": (db - da) / (tb - ta),
+        "window_s": tb - ta,
+        "executions_in_window": db - da,
+        "worker_cores": (cb - ca) / (tb - ta),
+        "cpu_ms_per_execution": 1000 * (cb - ca) / max(db - da, 1),
+        "api_cores": (ab - aa) / (tb - ta),
+        "executor_cores": (eb - ea) / (tb - ta),
+        "postgres_cores": (sb - sa) / (tb - ta),
+        # the region's claim loop: how often it claimed, how long a claim took, and how
+        # busy that one thread was (1.0: claiming back to back, the loop is the limit)
+        "claims_per_s": claims / (tb - ta),
+        "claim_ms": 1000 * delta("dispatcher_claim_seconds_sum") / claims,
+        "claimed_per_claim": delta("dispatcher_claimed_total") / claims,
+        "claim_loop_busy": delta("dispatcher_claim_seconds_sum") / (tb - ta),
+        # one call as the dispatcher's client saw it (HTTP round trip only)
+        "call_ms": 1000 * delta("dispatcher_call_seconds_sum") / calls,
+        # a slot's whole cycle per execution: slots / rate
+        "slot_cycle_ms": 1000 * args.concurrency / max((db - da) / (tb - ta), 1e-9),
+        "job_total": job["total"],
+        "submit_s": submit_s,
+        "finished_early": finished_early,
+        "final_states": final,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    if not stores or set(stores) - {"sqlite", "postgres"}:
+        sys.exit("--stores: sqlite and/or postgres")
+    print(f"machine: {machine()}")
+    print(noisy())
+    runs: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        tmp = stack.enter_context(workdir(args.keep))
+        models = [f"sim-{i}" for i in range(MAX_MODELS)]
+        ex = Executor(
+            tmp,
+            "solo",
+            {m: {"provider": "simulated", "latency_s": 0.0} for m in models},
+            workers=args.executor_workers,
+            worker_class="gevent",
+        )
+        stack.callback(ex.stop)
+        ex.start()
+        print(
+            f"executor: {ex.description}, simulated latency 0; concurrency {args.concurrency}; "
+            f"{args.warmup:g} s warm-up + {args.duration:g} s measured"
+        )
+        baselines = [plain_client(ex, args.concurrency, args.warmup, args.duration)]
+        print(f"baseline (plain client) #1: {describe(baselines[0])}", flush=True)
+        # big enough to outlast warm-up + duration even at the plain client's rate
+        size = int(baselines[0]["rate"] * (args.warmup + args.duration) * 1.3) + 1000
+        size = min(MAX_EXECUTIONS, max(20_000, size))
+        sequence = [store for _ in range(args.rounds) for store in stores]
+        for n, store in enumerate(sequence, start=1):
+            r = dispatcher_run(store, args, tmp, ex, models, size)
+            r["round"] = (n - 1) // len(stores) + 1
+            runs.append(r)
+            print(
+                f"dispatcher ({store}, round {r['round']}): {r['rate']:.1f} executions/s over "
+                f"{r['window_s']:.1f} s ({r['executions_in_window']} succeeded); region-worker "
+                f"process {r['worker_cores']:.2f} cores, {r['cpu_ms_per_execution']:.2f} ms CPU "
+                f"per execution; API {r['api_cores']:.2f} cores; executor "
+                f"{r['executor_cores']:.2f} cores; PostgreSQL backends {r['postgres_cores']:.2f} "
+                f"cores; job of {r['job_total']} took {r['submit_s']:.2f} s to submit"
+                + (
+                    f"\n    claim loop: {r['claims_per_s']:.0f} claims/s of "
+                    f"{r['claimed_per_claim']:.2f} executions, {r['claim_ms']:.2f} ms each "
+                    f"(loop busy {r['claim_loop_busy']:.0%}); one slot's cycle "
+                    f"{r['slot_cycle_ms']:.1f} ms per execution, of which the HTTP call "
+                    f"{r['call_ms']:.1f} ms"
+                )
+                + ("; JOB FINISHED EARLY (rate over a shorter window)" if r["finished_early"]
+                   else ""),
+                flush=True,
+            )  # fmt: skip
+            # a baseline after every dispatcher run: each run is compared with the two
+            # plain-client runs beside it, so drift in the machine's load hits both
+            baselines.append(plain_client(ex, args.concurrency, args.warmup, args.duration))
+            print(
+                f"baseline (plain client) #{len(baselines)}: {describe(baselines[-1])}",
+                flush=True,
+            )
+    for i, r in enumerate(runs):
+        left, right = baselines[i]["rate"], baselines[i + 1]["rate"]
+        r["baseline"] = (left + right) / 2
+        r["ratio"] = r["rate"] / r["baseline"]
+        r["baseline_gap"] = abs(left - right) / r["baseline"]
+        print(
+            f"  {r['store']} round {r['round']}: {r['rate']:.1f} executions/s / "
+            f"{r['baseline']:.1f} req/s (plain client just before and after: {left:.1f}, "
+            f"{right:.1f}; gap {r['baseline_gap']:.0%}) = {r['ratio']:.2f}x"
+        )
+    for store in stores:
+        ratios = [r["ratio"] for r in runs if r["store"] == store]
+        verdict = "meets" if median(ratios) >= TARGET_RATIO else "MISSES"
+        print(
+            f"D4 {store}: dispatcher / plain client = {median(ratios):.2f}x (median of "
+            f"{len(ratios)} runs: {', '.join(f'{x:.2f}' for x in ratios)}); {verdict} the "
+            f">= {TARGET_RATIO} target"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+                        "baselines": baselines, "runs": runs}, indent=2)
+        )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
