@@ -29,7 +29,7 @@ Concurrency, the part that matters:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,17 +42,12 @@ from executor_service.dispatcher.store import common
 from executor_service.dispatcher.store.base import (
     DEFAULT_RETRY_HANDOFF_S,
     Claim,
-    Execution,
-    IdempotencyConflict,
-    Job,
     NewJob,
-    QueueStats,
-    RegionQueue,
     RegionSpec,
     State,
-    Store,
     StoreError,
 )
+from executor_service.dispatcher.store.sql_store import SQLStore
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +60,11 @@ Cursor = psycopg.Cursor[DictRow]
 Q = common.load_queries("postgres")
 
 
-def _loads(value: Any) -> Any:
-    return value  # jsonb columns arrive as Python objects already
+class PostgresStore(SQLStore[Cursor]):
+    """The Store on PostgreSQL (``postgresql://`` or ``postgres://`` conninfo). The
+    operations that are the same SQL on SQLite come from SQLStore."""
 
-
-class PostgresStore(Store):
-    """The Store on PostgreSQL (``postgresql://`` or ``postgres://`` conninfo)."""
+    queries = Q
 
     def __init__(
         self, conninfo: str, *, min_size: int = 1, max_size: int = 10, open_timeout_s: float = 30.0
@@ -98,10 +92,21 @@ class PostgresStore(Store):
     def __repr__(self) -> str:
         return f"PostgresStore(pool={self._pool.name!r})"
 
+    @staticmethod
+    def _loads(value: Any) -> Any:
+        """jsonb columns arrive as Python objects already."""
+        return value
+
+    @staticmethod
+    def _dumps(value: Any) -> Jsonb:
+        """JSON parameters are passed as jsonb."""
+        return Jsonb(value)
+
     @contextmanager
-    def _transaction(self) -> Iterator[Cursor]:
+    def _transaction(self, write: bool = False) -> Iterator[Cursor]:
         """One transaction (committed on success, rolled back on error), and the one
-        place psycopg errors become StoreError."""
+        place psycopg errors become StoreError. ``write`` is ignored: writers take
+        row locks (and claim its region lock) as they go."""
         try:
             with self._pool.connection() as conn, conn.cursor() as cur:
                 yield cur
@@ -133,73 +138,25 @@ class PostgresStore(Store):
         self._pool.close()
 
     # -- jobs -----------------------------------------------------------------
-    def create_job(self, job: NewJob, now: float) -> tuple[Job, bool]:
-        args = {
-            **vars(job),
-            "id": common.new_job_id(),
-            "failover": job.failover.value,
-            "questions": Jsonb(job.questions),
-            "models": Jsonb(job.models),
-            "regions_by_model": Jsonb(job.regions_by_model),
-            "params": Jsonb(job.params),
-            "total": common.count_executions(job),
-            "now": now,
-        }
-        with self._transaction() as cur:
-            row = cur.execute(Q["insert_job"], args).fetchone()
-            if row is None:  # the tenant used this idempotency key before
-                existing = cur.execute(Q["job_by_key"], args).fetchone()
-                if existing is None:  # pragma: no cover - the conflicting job vanished
-                    raise StoreError("idempotency conflict on a job that no longer exists")
-                if existing["request_hash"] != job.request_hash:
-                    raise IdempotencyConflict(
-                        f"idempotency key {job.idempotency_key!r} was used for another request"
-                    )
-                return common.job_from_row(existing, _loads), False
-            columns = ", ".join(common.NEW_EXECUTION_COLUMNS)
-            # COPY: 100,000 executions in about a second instead of minutes of INSERTs.
-            with cur.copy(f"COPY executions ({columns}) FROM STDIN") as copy:
-                for values in common.execution_rows(job, row["id"], now):
-                    copy.write_row(values)
-        logger.info("job created", extra={"job_id": row["id"], "tenant": job.tenant})
-        return common.job_from_row(row, _loads), True
+    def _insert_job(
+        self, cur: Cursor, job: NewJob, args: dict[str, Any]
+    ) -> tuple[common.Row, bool]:
+        """Insert first: ON CONFLICT waits for a concurrent insert of the same key to
+        commit or abort, then the key's job is looked up."""
+        row = cur.execute(Q["insert_job"], args).fetchone()
+        if row is not None:
+            return row, True
+        existing = cur.execute(Q["job_by_key"], args).fetchone()
+        if existing is None:  # pragma: no cover - the conflicting job vanished
+            raise StoreError("idempotency conflict on a job that no longer exists")
+        return existing, False
 
-    def get_job(self, tenant: str, job_id: str) -> Job | None:
-        with self._transaction() as cur:
-            row = cur.execute(Q["get_job"], {"id": job_id, "tenant": tenant}).fetchone()
-        return None if row is None else common.job_from_row(row, _loads)
-
-    def job_counts(self, job_id: str) -> dict[str, dict[str, int]]:
-        with self._transaction() as cur:
-            rows = cur.execute(Q["job_counts"], {"job_id": job_id}).fetchall()
-        counts: dict[str, dict[str, int]] = {}
-        for row in rows:
-            counts.setdefault(row["requested_region"], {})[row["state"]] = row["n"]
-        return counts
-
-    def executions(self, job_id: str, with_attempts: bool = True) -> list[Execution]:
-        with self._transaction() as cur:
-            rows = cur.execute(Q["list_executions"], {"job_id": job_id}).fetchall()
-            attempts: dict[int, list[Any]] = {}
-            if with_attempts:
-                for a in cur.execute(Q["list_attempts"], {"job_id": job_id}):
-                    attempts.setdefault(a["execution_id"], []).append(
-                        common.attempt_from_row(a, _loads)
-                    )
-        return [common.execution_from_row(r, _loads, attempts.get(r["id"], [])) for r in rows]
-
-    def cancel_job(self, tenant: str, job_id: str, now: float) -> int:
-        args = {"job_id": job_id, "tenant": tenant, "now": now}
-        with self._transaction() as cur:
-            if not cur.execute(Q["cancel_job"], args).rowcount:
-                return 0
-            cancelled = cur.execute(Q["cancel_executions"], args).rowcount
-        logger.info("job cancelled", extra={"job_id": job_id, "cancelled": cancelled})
-        return cancelled
-
-    def job_finished(self, job_id: str) -> bool:
-        with self._transaction() as cur:
-            return cur.execute(Q["job_unfinished"], {"job_id": job_id}).fetchone() is None
+    def _insert_executions(self, cur: Cursor, rows: Iterable[tuple[Any, ...]]) -> None:
+        columns = ", ".join(common.NEW_EXECUTION_COLUMNS)
+        # COPY: 100,000 executions in about a second instead of minutes of INSERTs.
+        with cur.copy(f"COPY executions ({columns}) FROM STDIN") as copy:
+            for values in rows:
+                copy.write_row(values)
 
     # -- scheduling -----------------------------------------------------------
     def claim(
@@ -257,35 +214,15 @@ class PostgresStore(Store):
             for (execution_id, source), token in zip(picked, tokens, strict=True)
         ]
 
-    def _pick(
-        self, cur: Cursor, args: dict[str, Any], free: int, tenant_batch: int
-    ) -> list[tuple[int, str]]:
-        """Lock and return the ids to lease, with the queue each came from, in claim order."""
-        picked: list[tuple[int, str]] = [
-            (r["id"], common.SOURCE_GLOBAL_RETRY)
-            for r in cur.execute(Q["global_retries"], {**args, "n": free})
-        ]
-        if len(picked) < free:
-            own = {**args, "taken": [i for i, _ in picked], "n": free - len(picked)}
-            own["candidates"] = [r["id"] for r in cur.execute(Q["own_retry_candidates"], own)]
-            if own["candidates"]:
-                picked += [
-                    (r["id"], common.SOURCE_OWN_RETRY)
-                    for r in cur.execute(Q["lock_candidates"], own)
-                ]
-        if len(picked) < free:
-            tenants = [r["tenant"] for r in cur.execute(Q["queued_tenants"], args)]
-            in_flight = {r["tenant"]: r["n"] for r in cur.execute(Q["leased_by_tenant"], args)}
-
-            def fetch(tenant: str, n: int) -> list[int]:
-                query_args = {**args, "tenant": tenant, "n": n}
-                return [r["id"] for r in cur.execute(Q["tenant_new_work"], query_args)]
-
-            new = common.round_robin(
-                common.order_tenants(tenants, in_flight), fetch, tenant_batch, free - len(picked)
-            )
-            picked += [(i, common.SOURCE_NEW) for i in new]
-        return picked
+    def _own_retries(
+        self, cur: Cursor, args: dict[str, Any], taken: list[int], n: int
+    ) -> list[int]:
+        """Read the candidates unlocked, then lock them one by one by primary key."""
+        own = {**args, "taken": taken, "n": n}
+        own["candidates"] = [r["id"] for r in cur.execute(Q["own_retry_candidates"], own)]
+        if not own["candidates"]:
+            return []
+        return [r["id"] for r in cur.execute(Q["lock_candidates"], own)]
 
     def heartbeat(self, leases: Sequence[tuple[int, str]], now: float, lease_s: float) -> set[int]:
         if not leases:
@@ -297,19 +234,6 @@ class PostgresStore(Store):
         }
         with self._transaction() as cur:
             return {r["id"] for r in cur.execute(Q["heartbeat"], args)}
-
-    def complete(
-        self, execution_id: int, token: str, result: dict[str, Any], now: float, started_at: float
-    ) -> bool:
-        args = {
-            "id": execution_id,
-            "token": token,
-            "output": common.output_of(result),
-            "result": Jsonb(result),
-            "now": now,
-        }
-        with self._transaction() as cur:
-            return self._finish_attempt(cur, "complete", args, started_at, error=None)
 
     def fail(
         self,
@@ -340,25 +264,6 @@ class PostgresStore(Store):
             }
             return self._finish_attempt(cur, "fail", args, started_at, error=Jsonb(error))
 
-    def _finish_attempt(
-        self, cur: Cursor, query: str, args: dict[str, Any], started_at: float, error: Jsonb | None
-    ) -> bool:
-        """Apply a fenced complete/fail, then record the attempt it ended."""
-        row = cur.execute(Q[query], args).fetchone()
-        if row is None:
-            return False
-        attempt = {
-            "id": args["id"],
-            "number": row["attempts"],
-            "region": row["executed_region"],
-            "started_at": started_at,
-            "now": args["now"],
-            "ok": error is None,
-            "error": error,
-        }
-        cur.execute(Q["insert_attempt"], attempt)
-        return True
-
     def release(self, execution_id: int, token: str, now: float) -> bool:
         with self._transaction() as cur:
             lease = {"id": execution_id, "token": token}
@@ -385,35 +290,7 @@ class PostgresStore(Store):
             logger.warning("reaped %d expired leases", reaped)
         return reaped
 
-    def divert_queued(self, region: str, now: float) -> int:
-        with self._transaction() as cur:
-            moved = cur.execute(Q["divert_queued"], {"region": region, "now": now}).rowcount
-        if moved:
-            logger.info("diverted %d queued executions away from region %s", moved, region)
-        return moved
-
     # -- regions --------------------------------------------------------------
-    def set_circuit(self, region: str, state: str, open_until: float | None) -> None:
-        common.check_circuit_state(state)
-        with self._transaction() as cur:
-            args = {"region": region, "state": state, "open_until": open_until}
-            cur.execute(Q["set_circuit"], args)
-
-    def queue_stats(self, now: float, regions: Sequence[RegionSpec]) -> QueueStats:
-        names = [spec.name for spec in regions]
-        with self._transaction() as cur:
-            totals = cur.execute(Q["queue_totals"]).fetchone()
-            rows = {r["name"]: r for r in cur.execute(Q["queue_regions"], {"regions": names})}
-        assert totals is not None
-        queues = [
-            RegionQueue(
-                region=name,
-                queued=rows[name]["queued"],
-                retry_wait=rows[name]["retry_wait"],
-                in_flight=rows[name]["in_flight"],
-                circuit=rows[name]["circuit"],
-                circuit_open_until=rows[name]["open_until"],
-            )
-            for name in names
-        ]
-        return QueueStats(global_retry=totals["global_retry"], regions=queues, dead=totals["dead"])
+    def _queue_regions(self, cur: Cursor, names: list[str]) -> list[common.Row]:
+        rows = {r["name"]: r for r in cur.execute(Q["queue_regions"], {"regions": names})}
+        return [rows[name] for name in names]

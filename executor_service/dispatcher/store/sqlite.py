@@ -20,7 +20,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,16 +29,11 @@ from executor_service.dispatcher.store import common
 from executor_service.dispatcher.store.base import (
     DEFAULT_RETRY_HANDOFF_S,
     Claim,
-    Execution,
-    IdempotencyConflict,
-    Job,
     NewJob,
-    QueueStats,
-    RegionQueue,
     RegionSpec,
-    Store,
     StoreError,
 )
+from executor_service.dispatcher.store.sql_store import SQLStore
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +42,6 @@ Q = common.load_queries("sqlite")
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
     return {col[0]: value for col, value in zip(cursor.description, row, strict=True)}
-
-
-def _loads(value: Any) -> Any:
-    return None if value is None else json.loads(value)
-
-
-def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
 def _marks(values: Sequence[Any]) -> str:
@@ -80,8 +67,11 @@ def _statements(script: str) -> Iterator[str]:
         raise StoreError(f"incomplete SQL statement at the end of a migration: {buffer!r}")
 
 
-class SQLiteStore(Store):
-    """The Store on one SQLite file (or ``:memory:`` for tests)."""
+class SQLiteStore(SQLStore[sqlite3.Connection]):
+    """The Store on one SQLite file (or ``:memory:`` for tests). The operations
+    that are the same SQL on PostgreSQL come from SQLStore."""
+
+    queries = Q
 
     def __init__(self, path: str, *, busy_timeout_s: float = 10.0) -> None:
         self.path = path
@@ -109,6 +99,16 @@ class SQLiteStore(Store):
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
+
+    @staticmethod
+    def _loads(value: Any) -> Any:
+        """JSON columns are TEXT: parse them."""
+        return None if value is None else json.loads(value)
+
+    @staticmethod
+    def _dumps(value: Any) -> str | None:
+        """JSON parameters are compact TEXT."""
+        return None if value is None else json.dumps(value, separators=(",", ":"))
 
     @contextmanager
     def _transaction(self, write: bool = False) -> Iterator[sqlite3.Connection]:
@@ -150,74 +150,22 @@ class SQLiteStore(Store):
             self._conn.close()
 
     # -- jobs -----------------------------------------------------------------
-    def create_job(self, job: NewJob, now: float) -> tuple[Job, bool]:
-        with self._transaction(write=True) as db:
-            if job.idempotency_key is not None:
-                row = db.execute(Q["job_by_key"], vars(job)).fetchone()
-                if row is not None:
-                    if row["request_hash"] != job.request_hash:
-                        raise IdempotencyConflict(
-                            f"idempotency key {job.idempotency_key!r} was used for another request"
-                        )
-                    return common.job_from_row(row, _loads), False
-            row = db.execute(
-                Q["insert_job"],
-                {
-                    **vars(job),
-                    "id": common.new_job_id(),
-                    "failover": job.failover.value,
-                    "questions": _dumps(job.questions),
-                    "models": _dumps(job.models),
-                    "regions_by_model": _dumps(job.regions_by_model),
-                    "params": _dumps(job.params),
-                    "total": common.count_executions(job),
-                    "now": now,
-                },
-            ).fetchone()
-            columns = common.NEW_EXECUTION_COLUMNS
-            db.executemany(
-                f"INSERT INTO executions ({', '.join(columns)}) VALUES ({_marks(columns)})",
-                common.execution_rows(job, row["id"], now),
-            )
-        logger.info("job created", extra={"job_id": row["id"], "tenant": job.tenant})
-        return common.job_from_row(row, _loads), True
+    def _insert_job(
+        self, db: sqlite3.Connection, job: NewJob, args: dict[str, Any]
+    ) -> tuple[common.Row, bool]:
+        """Look the idempotency key up first: under BEGIN IMMEDIATE nobody can insert
+        it between the look-up and the insert."""
+        if job.idempotency_key is not None:
+            row = db.execute(Q["job_by_key"], args).fetchone()
+            if row is not None:
+                return row, False
+        return db.execute(Q["insert_job"], args).fetchone(), True
 
-    def get_job(self, tenant: str, job_id: str) -> Job | None:
-        with self._transaction() as db:
-            row = db.execute(Q["get_job"], {"id": job_id, "tenant": tenant}).fetchone()
-        return None if row is None else common.job_from_row(row, _loads)
-
-    def job_counts(self, job_id: str) -> dict[str, dict[str, int]]:
-        with self._transaction() as db:
-            rows = db.execute(Q["job_counts"], {"job_id": job_id}).fetchall()
-        counts: dict[str, dict[str, int]] = {}
-        for row in rows:
-            counts.setdefault(row["requested_region"], {})[row["state"]] = row["n"]
-        return counts
-
-    def executions(self, job_id: str, with_attempts: bool = True) -> list[Execution]:
-        with self._transaction() as db:
-            rows = db.execute(Q["list_executions"], {"job_id": job_id}).fetchall()
-            attempts: dict[int, list[Any]] = {}
-            if with_attempts:
-                for a in db.execute(Q["list_attempts"], {"job_id": job_id}):
-                    attempts.setdefault(a["execution_id"], []).append(
-                        common.attempt_from_row(a, _loads)
-                    )
-        return [common.execution_from_row(r, _loads, attempts.get(r["id"], [])) for r in rows]
-
-    def cancel_job(self, tenant: str, job_id: str, now: float) -> int:
-        args = {"job_id": job_id, "tenant": tenant, "now": now}
-        with self._transaction(write=True) as db:
-            if not db.execute(Q["cancel_job"], args).rowcount:
-                return 0
-            cancelled = db.execute(Q["cancel_executions"], args).rowcount
-        logger.info("job cancelled", extra={"job_id": job_id, "cancelled": cancelled})
-        return cancelled
-
-    def job_finished(self, job_id: str) -> bool:
-        with self._transaction() as db:
-            return db.execute(Q["job_unfinished"], {"job_id": job_id}).fetchone() is None
+    def _insert_executions(self, db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+        columns = common.NEW_EXECUTION_COLUMNS
+        db.executemany(
+            f"INSERT INTO executions ({', '.join(columns)}) VALUES ({_marks(columns)})", rows
+        )
 
     # -- scheduling -----------------------------------------------------------
     def claim(
@@ -255,7 +203,7 @@ class SQLiteStore(Store):
                 leased_rows.append((row, token, source))
             job_ids = _json_list(sorted({row["job_id"] for row, _, _ in leased_rows}))
             params = {
-                r["id"]: _loads(r["params"])
+                r["id"]: self._loads(r["params"])
                 for r in db.execute(Q["job_params"], {"job_ids": job_ids})
             }
         return [
@@ -270,35 +218,11 @@ class SQLiteStore(Store):
             for row, token, source in leased_rows
         ]
 
-    def _pick(
-        self, db: sqlite3.Connection, args: dict[str, Any], free: int, tenant_batch: int
-    ) -> list[tuple[int, str]]:
-        """The ids to lease, with the queue each came from, in claim order."""
-        picked: list[tuple[int, str]] = [
-            (r["id"], common.SOURCE_GLOBAL_RETRY)
-            for r in db.execute(Q["global_retries"], {**args, "n": free})
-        ]
-        if len(picked) < free:
-            taken = _json_list([i for i, _ in picked])
-            picked += [
-                (r["id"], common.SOURCE_OWN_RETRY)
-                for r in db.execute(
-                    Q["own_retries"], {**args, "taken": taken, "n": free - len(picked)}
-                )
-            ]
-        if len(picked) < free:
-            tenants = [r["tenant"] for r in db.execute(Q["queued_tenants"], args)]
-            in_flight = {r["tenant"]: r["n"] for r in db.execute(Q["leased_by_tenant"], args)}
-
-            def fetch(tenant: str, n: int) -> list[int]:
-                query_args = {**args, "tenant": tenant, "n": n}
-                return [r["id"] for r in db.execute(Q["tenant_new_work"], query_args)]
-
-            new = common.round_robin(
-                common.order_tenants(tenants, in_flight), fetch, tenant_batch, free - len(picked)
-            )
-            picked += [(i, common.SOURCE_NEW) for i in new]
-        return picked
+    def _own_retries(
+        self, db: sqlite3.Connection, args: dict[str, Any], taken: list[int], n: int
+    ) -> list[int]:
+        query_args = {**args, "taken": _json_list(taken), "n": n}
+        return [r["id"] for r in db.execute(Q["own_retries"], query_args)]
 
     def heartbeat(self, leases: Sequence[tuple[int, str]], now: float, lease_s: float) -> set[int]:
         held: set[int] = set()
@@ -311,18 +235,6 @@ class SQLiteStore(Store):
                     held.add(execution_id)
         return held
 
-    def complete(
-        self, execution_id: int, token: str, result: dict[str, Any], now: float, started_at: float
-    ) -> bool:
-        args = {
-            "id": execution_id,
-            "token": token,
-            "output": common.output_of(result),
-            "result": _dumps(result),
-            "now": now,
-        }
-        return self._finish_attempt("complete", args, started_at, error=None)
-
     def fail(
         self,
         execution_id: int,
@@ -332,7 +244,7 @@ class SQLiteStore(Store):
         started_at: float,
         retry_at: float | None,
     ) -> bool:
-        error_json = _dumps(error)
+        error_json = self._dumps(error)
         args = {
             "id": execution_id,
             "token": token,
@@ -340,29 +252,8 @@ class SQLiteStore(Store):
             "now": now,
             "retry_at": retry_at,
         }
-        return self._finish_attempt("fail", args, started_at, error=error_json)
-
-    def _finish_attempt(
-        self, query: str, args: dict[str, Any], started_at: float, error: str | None
-    ) -> bool:
-        """Apply a fenced complete/fail, then record the attempt it ended."""
         with self._transaction(write=True) as db:
-            row = db.execute(Q[query], args).fetchone()
-            if row is None:
-                return False
-            db.execute(
-                Q["insert_attempt"],
-                {
-                    "id": args["id"],
-                    "number": row["attempts"],
-                    "region": row["executed_region"],
-                    "started_at": started_at,
-                    "now": args["now"],
-                    "ok": error is None,
-                    "error": error,
-                },
-            )
-        return True
+            return self._finish_attempt(db, "fail", args, started_at, error=error_json)
 
     def release(self, execution_id: int, token: str, now: float) -> bool:
         with self._transaction(write=True) as db:
@@ -373,7 +264,7 @@ class SQLiteStore(Store):
         args = {
             "now": now,
             "due_at": now + max_backoff_s,
-            "error": _dumps(common.LEASE_EXPIRED_ERROR),
+            "error": self._dumps(common.LEASE_EXPIRED_ERROR),
         }
         with self._transaction(write=True) as db:
             db.execute(Q["reap_attempts"], args)
@@ -382,36 +273,6 @@ class SQLiteStore(Store):
             logger.warning("reaped %d expired leases", reaped)
         return reaped
 
-    def divert_queued(self, region: str, now: float) -> int:
-        with self._transaction(write=True) as db:
-            moved = db.execute(Q["divert_queued"], {"region": region, "now": now}).rowcount
-        if moved:
-            logger.info("diverted %d queued executions away from region %s", moved, region)
-        return moved
-
     # -- regions --------------------------------------------------------------
-    def set_circuit(self, region: str, state: str, open_until: float | None) -> None:
-        common.check_circuit_state(state)
-        with self._transaction(write=True) as db:
-            args = {"region": region, "state": state, "open_until": open_until}
-            db.execute(Q["set_circuit"], args)
-
-    def queue_stats(self, now: float, regions: Sequence[RegionSpec]) -> QueueStats:
-        with self._transaction() as db:
-            totals = db.execute(Q["queue_totals"]).fetchone()
-            rows = [
-                (spec.name, db.execute(Q["queue_region"], {"region": spec.name}).fetchone())
-                for spec in regions
-            ]
-        queues = [
-            RegionQueue(
-                region=name,
-                queued=row["queued"],
-                retry_wait=row["retry_wait"],
-                in_flight=row["in_flight"],
-                circuit=row["circuit"],
-                circuit_open_until=row["open_until"],
-            )
-            for name, row in rows
-        ]
-        return QueueStats(global_retry=totals["global_retry"], regions=queues, dead=totals["dead"])
+    def _queue_regions(self, db: sqlite3.Connection, names: list[str]) -> list[common.Row]:
+        return [db.execute(Q["queue_region"], {"region": name}).fetchone() for name in names]
