@@ -93,7 +93,7 @@ class Settings:
     # Serving without any key on a non-loopback address must be asked for.
     allow_open: bool = field(default=False, metadata={"env": "ES_ALLOW_OPEN", "parse": _parse_bool})
     # Model calls in flight per process; 0 means "the gunicorn thread count"
-    # (gthread) or 100 (gevent), see gunicorn.conf.py.
+    # (gthread) or 250 (gevent), see gunicorn_config.py.
     max_in_flight: int = field(
         default=0, metadata={"env": "ES_MAX_IN_FLIGHT", "parse": _non_negative_int}
     )

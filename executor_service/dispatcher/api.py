@@ -220,7 +220,7 @@ def _wants_csv(fmt: str | None) -> bool:
 
 # -- routes -------------------------------------------------------------------
 @blp.route("/jobs", methods=["POST"])
-@blp.arguments(JobRequestSchema)
+@blp.arguments(JobRequestSchema())
 @blp.response(201, JobSchema, description="created")
 @blp.alt_response(200, schema=JobSchema, description="the job this Idempotency-Key made")
 @blp.alt_response(409, description="conflict: the Idempotency-Key was used with another body")
