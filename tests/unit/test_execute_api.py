@@ -50,6 +50,10 @@ def test_execute_answers_with_the_contract_fields(client: FlaskClient) -> None:
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6}
     assert set(body["timing"]) == {"queue_ms", "model_ms", "total_ms"}
     assert body["timing"]["total_ms"] >= body["timing"]["model_ms"] >= 0
+    # the answer is exactly what the documented schema describes (no extra or wrong fields)
+    from executor_service.executor.schemas import ExecuteResponseSchema
+
+    assert ExecuteResponseSchema().validate(body) == {}
 
 
 def test_messages_are_accepted_and_request_id_generated(client: FlaskClient) -> None:
