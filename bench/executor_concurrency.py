@@ -20,8 +20,9 @@ takes one of the threads, so the gauge there reads at most capacity - 1).
 Scenarios (``--only`` picks some):
 
     e2-gthread       gthread 4 x 2, 8 connections
-    e2-gevent        gevent 4 workers, ES_MAX_IN_FLIGHT=--gevent-limit, 400 connections
-    e2-gevent-100    the same with the shipped default limit (100 per process)
+    e2-gevent        gevent 4 workers, the shipped limit (250 per process) or --gevent-limit,
+                     400 connections
+    e2-gevent-100    the same with limit 100 per process (the default before 2026-11-25)
     e3-gevent        gevent 4 workers, limit 100 (400 admitted), 600 connections
     e3-gthread       gthread 4 x 8, ES_MAX_IN_FLIGHT=2 (8 admitted), 32 connections
     e3-gthread-queue gthread 4 x 2 (threads = limit), 16 connections: the excess waits, no 503
@@ -64,15 +65,15 @@ class Scenario:
     expect: str  # "all-ok" (E2), "refuse" (E3), "queue" (the gthread caveat)
 
 
-def scenarios(gevent_limit: int) -> list[Scenario]:
+def scenarios(gevent_limit: int | None) -> list[Scenario]:
     return [
         Scenario("e2-gthread", "E2 gthread 4x2", "gthread", 4, 2, None, 8, "all-ok"),
         Scenario(
-            "e2-gevent", f"E2 gevent, limit {gevent_limit}", "gevent", 4, 1, gevent_limit, 400,
-            "all-ok",
+            "e2-gevent", f"E2 gevent, limit {gevent_limit or 'default 250'}", "gevent", 4, 1,
+            gevent_limit, 400, "all-ok",
         ),
-        Scenario("e2-gevent-100", "E2 gevent, limit 100", "gevent", 4, 1, None, 400, "all-ok"),
-        Scenario("e3-gevent", "E3 gevent, limit 100, 1.5x", "gevent", 4, 1, None, 600, "refuse"),
+        Scenario("e2-gevent-100", "E2 gevent, limit 100", "gevent", 4, 1, 100, 400, "all-ok"),
+        Scenario("e3-gevent", "E3 gevent, limit 100, 1.5x", "gevent", 4, 1, 100, 600, "refuse"),
         Scenario("e3-gthread", "E3 gthread 4x8 limit 2, 4x", "gthread", 4, 8, 2, 32, "refuse"),
         Scenario("e3-gthread-queue", "gthread 4x2, 2x: queued", "gthread", 4, 2, None, 16, "queue"),
     ]  # fmt: skip
@@ -88,7 +89,7 @@ def judge(s: Scenario, r: dict[str, Any]) -> tuple[bool, list[str]]:
     statuses = r["statuses"]
     others = sum(n for code, n in statuses.items() if code not in {"200", "503"})
     errors = sum(r["errors"].values())
-    capacity = s.workers * (s.limit or (s.threads if s.worker_class == "gthread" else 100))
+    capacity = s.workers * (s.limit or (s.threads if s.worker_class == "gthread" else 250))
     lines = [
         f"  requests {r['requests']}, statuses {statuses}, transport errors {r['errors'] or 0}, "
         f"hangs {r['hangs']}",
@@ -136,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=15.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument(
-        "--gevent-limit", type=int, default=200, help="ES_MAX_IN_FLIGHT for e2-gevent"
+        "--gevent-limit",
+        type=int,
+        default=None,
+        help="ES_MAX_IN_FLIGHT for e2-gevent (default: the shipped default, 250)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser
