@@ -15,13 +15,12 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,10 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+sys.path.insert(0, str(REPO / "loadtests"))
+
+from localserver import free_port, wait_until  # noqa: E402
 
 from executor_service.dispatcher.cli import DispatcherAPI  # noqa: E402
 
@@ -67,31 +70,6 @@ def noisy(threshold: float = 1.0) -> str:
 
 
 # -- small helpers ----------------------------------------------------------------
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = ""
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; TimeoutError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except Exception as exc:  # a server may refuse connections while it starts
-            last = exc
-        else:
-            if value:
-                return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}: {last}")
-
-
 def clean_env() -> dict[str, str]:
     """The environment without our settings or gunicorn's, so runs do not depend on the shell."""
     drop = ("ES_", "GUNICORN_", "DISPATCHER_")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,17 @@ SIMULATED_MODELS = {
     "sim-timeout": {"provider": "simulated", "error_rate": 1.0, "error_kind": "timeout"},
     "sim-bug": {"provider": "simulated", "error_rate": 1.0, "error_kind": "exception"},
 }
+
+
+@pytest.fixture
+def quiet_root_logger() -> Iterator[None]:
+    """create_app() configures the root logger (handler, level); put it back afterwards
+    so the tests that follow see the logging they would see without them."""
+    root_logger = logging.getLogger()
+    level, handlers = root_logger.level, list(root_logger.handlers)
+    yield
+    root_logger.setLevel(level)
+    root_logger.handlers[:] = handlers
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ the build context, hadolint and checkov.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import socket
@@ -108,17 +107,6 @@ def _arg_or_env(stage: Stage, env: dict[str, str], name: str) -> str:
         return arg_default(stage, name)
     except AssertionError:
         return "${" + name + "}"
-
-
-@pytest.fixture()
-def quiet_root_logger() -> Iterator[None]:
-    """create_app() configures the root logger (handler, level); put it back afterwards
-    so the tests that follow see the logging they would see without this module."""
-    root_logger = logging.getLogger()
-    level, handlers = root_logger.level, list(root_logger.handlers)
-    yield
-    root_logger.setLevel(level)
-    root_logger.handlers[:] = handlers
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import logging
 import math
 import os
 import re
@@ -211,17 +210,6 @@ def test_evaluator_understands_this_configuration() -> None:
     assert evaluate("${var.workers >= 1 && !(var.workers > 3)}", variables, {}) is False
 
 
-@pytest.fixture()
-def quiet_root_logger() -> Iterator[None]:
-    """create_app() configures the root logger (handler, level); put it back afterwards
-    so the tests that follow see the logging they would see without this module."""
-    root_logger = logging.getLogger()
-    level, handlers = root_logger.level, list(root_logger.handlers)
-    yield
-    root_logger.setLevel(level)
-    root_logger.handlers[:] = handlers
-
-
 # -------------------------------------------------------- gunicorn defaults ---
 
 
@@ -238,7 +226,8 @@ def gunicorn_defaults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
         "import json, executor_service.gunicorn_config as c; print(json.dumps({"
         "'bind': c.bind, 'workers': c.workers, 'threads': c.threads, "
         "'worker_class': c.worker_class, 'timeout': c.timeout, "
-        "'graceful_timeout': c.graceful_timeout}))"
+        "'graceful_timeout': c.graceful_timeout, "
+        "'gevent_max_in_flight': c.GEVENT_MAX_IN_FLIGHT}))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True
@@ -473,6 +462,7 @@ def test_scale_rule_is_workers_times_threads_of_gunicorn(
     assert env["GUNICORN_WORKER_CLASS"] == gunicorn_defaults["worker_class"]
     assert env["PORT"] == str(gunicorn_defaults["port"])
 
+    assert defaults["gevent_max_in_flight"] == gunicorn_defaults["gevent_max_in_flight"]
     gevent = {**defaults, "worker_class": "gevent"}
     assert evaluate(rule["concurrent_requests"], gevent, region.locals) == str(
         defaults["workers"] * defaults["gevent_max_in_flight"]
