@@ -21,6 +21,9 @@ import tempfile
 from typing import Any
 
 
+# Stand-alone on purpose (the dispatcher's config has its twin): importing the
+# package here would import prometheus_client in the master before
+# PROMETHEUS_MULTIPROC_DIR is set, and every forked worker would inherit it.
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     try:
@@ -56,10 +59,13 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms pid=%(p)s request_id=%({x
 preload_app = False
 
 # The admission limit per process defaults to what one worker can run at once.
+GEVENT_MAX_IN_FLIGHT = 250
 if not os.environ.get("ES_MAX_IN_FLIGHT", "").strip() or os.environ["ES_MAX_IN_FLIGHT"] == "0":
     # Under gevent, 250 per worker: the kernel spreads connections unevenly, and with
     # 100 per worker 4 workers refused some calls at ~350 in flight (target E2: 400).
-    os.environ["ES_MAX_IN_FLIGHT"] = str(threads if worker_class == "gthread" else 250)
+    os.environ["ES_MAX_IN_FLIGHT"] = str(
+        threads if worker_class == "gthread" else GEVENT_MAX_IN_FLIGHT
+    )
 
 # Prometheus multiprocess mode: every worker writes its samples to files in
 # this directory and /metrics adds them up. It must be set before a worker

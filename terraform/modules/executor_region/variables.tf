@@ -134,7 +134,7 @@ variable "worker_class" {
 variable "gevent_max_in_flight" {
   description = "Model calls in flight per gevent worker (ES_MAX_IN_FLIGHT); gthread uses threads instead."
   type        = number
-  default     = 100
+  default     = 250 # executor_service/gunicorn_config.py GEVENT_MAX_IN_FLIGHT
 }
 
 variable "worker_timeout_s" {
