@@ -1,78 +1,37 @@
 """executor-service: run language-model calls across regions.
 
-Two roles in one package: the **executor** (``create_app``), a Flask app that
-runs one model call per ``POST /execute`` under gunicorn, and the
-**dispatcher** (``executor_service.dispatcher``), which fans jobs out to the
-executors of many regions from a durable store.
+Two roles in one package, each with its own app, settings, metrics and commands:
+
+    executor/      the executor: a Flask app (executor/app.py) that runs one model call per
+                   ``POST /execute`` under gunicorn (executor/gunicorn_config.py)
+    dispatcher/    the dispatcher: a durable store of jobs (store/), the rules that schedule
+                   them (rules.py, scheduler.py), the region workers (worker.py) and its
+                   HTTP API (api.py)
+
+Shared by both: app.py (base Flask app), config.py (settings reader), errors.py (JSON
+errors), exceptions.py (the one exception base), auth.py, observability.py, cli.py.
+
+This module stays light (nothing imported at import time), so a gunicorn config can
+import from the package before PROMETHEUS_MULTIPROC_DIR is set.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, jsonify
-from flask_smorest import Api
+if TYPE_CHECKING:
+    from flask import Flask
 
-from . import auth, errors, observability
-from .config import Settings
+    from .executor.config import ExecutorSettings
 
 __version__ = "0.1.0"
 
 
-def base_app(
-    name: str, settings: Settings, test_config: Mapping[str, Any] | None, title: str
-) -> tuple[Flask, Api]:
-    """The parts every role shares: config, JSON errors, auth, logs, Sentry, /health, /metrics
-    and the OpenAPI document (``/openapi.json``, docs page at ``/docs``)."""
-    app = Flask(name)
-    app.config.update(
-        SETTINGS=settings,
-        MAX_CONTENT_LENGTH=settings.max_body_bytes,
-        API_TITLE=title,
-        API_VERSION=__version__,
-        OPENAPI_VERSION="3.0.3",
-        OPENAPI_URL_PREFIX="/",
-        OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
-        API_SPEC_OPTIONS={
-            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-            "security": [{"bearer": []}],
-        },
-    )
-    if test_config:
-        app.config.update(test_config)
-    api = Api(app)
-    errors.register_error_handlers(app)  # after Api, which installs its own
-
-    @app.before_request
-    def _start_clock() -> None:
-        g.started = time.monotonic()
-
-    auth.init_app(app, auth.KeyRing.from_settings(settings))
-    observability.init_app(app, settings)
-
-    @app.get("/health")
-    def health() -> Response:
-        """Liveness: the process answers. No auth, no dependencies."""
-        return jsonify({"status": "ok"})
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return observability.metrics_response()
-
-    return app, api
-
-
 def create_app(
-    test_config: Mapping[str, Any] | None = None, settings: Settings | None = None
+    test_config: Mapping[str, Any] | None = None, settings: ExecutorSettings | None = None
 ) -> Flask:
-    """The executor app: settings from the environment (``ES_*``), then test overrides."""
-    from .executor import api as executor_api
+    """The executor app (``executor.app.create_app``), for ``wsgi:app`` and gunicorn."""
+    from .executor.app import create_app as create_executor_app
 
-    settings = settings or Settings.from_env()
-    app, api = base_app(__name__, settings, test_config, "executor-service executor")
-    executor_api.init_app(app, settings, api)
-    return app
+    return create_executor_app(test_config, settings)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from flask import Flask, g, request
 
-from .config import ConfigError, Settings
+from .config import CommonSettings, ConfigError
 from .errors import Unauthorized
 
 DEFAULT_TENANT = "default"
@@ -46,7 +46,7 @@ class KeyRing:
         return cls(tuple(entries))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> KeyRing:
+    def from_settings(cls, settings: CommonSettings) -> KeyRing:
         lines = settings.api_keys.split(",") if settings.api_keys else []
         if settings.api_keys_file is not None:
             try:

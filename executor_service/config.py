@@ -1,9 +1,24 @@
-"""Settings from the environment, read and validated once at start.
+"""Settings from the environment, read and validated once at start, per role.
 
 Every setting has one environment variable with the ``ES_`` prefix (plus the
 conventional ``PORT``, ``WEB_CONCURRENCY`` and ``SENTRY_DSN``, which platforms
 set for us). A bad value stops the process with a message that names the
-variable, the value and what was expected, instead of failing on first use.
+variable, the value and what was expected, instead of failing on first use;
+cross-field checks (``check``) name every variable involved.
+
+    config.py               the reader (EnvSettings) and what every HTTP role shares
+                            (CommonSettings: identity, keys, logs, Sentry, body limit)
+    executor/config.py      ExecutorSettings: catalog, admission, call deadline
+    dispatcher/config.py    DispatcherSettings: store, regions, leases, backoff,
+                            circuits, job limits; ClientSettings: where the CLI finds the API
+    Settings (here)         every role's fields at once: the README check, tests
+
+Each default is defined once, in its field; runtime configs (WorkerConfig,
+BackoffPolicy, JobLimits) are derived from a settings object, never restated.
+
+Why not environs: it reads ``os.environ`` only, and the apps and tests here read
+an explicit mapping (``from_env(environ=...)``); its parsing is marshmallow fields,
+which these few typed parsers match while keeping messages a user can act on.
 """
 
 from __future__ import annotations
@@ -11,14 +26,19 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 PREFIX = "ES_"
 
 
-class ConfigError(ValueError):
+from .exceptions import ExecutorServiceError
+
+TSettings = TypeVar("TSettings", bound="EnvSettings")
+
+
+class ConfigError(ExecutorServiceError, ValueError):
     """A setting from the environment has a value we cannot use."""
 
 
@@ -74,16 +94,55 @@ def _optional_path(raw: str) -> Path | None:
 
 
 @dataclass(frozen=True)
-class Settings:
+class EnvSettings:
     """Validated settings. Field metadata names the variable and its parser."""
+
+    @classmethod
+    def from_env(
+        cls: type[TSettings], environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> TSettings:
+        """Read every field from ``environ`` (default ``os.environ``), apply overrides,
+        then run the cross-field checks."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if name not in env:
+                continue
+            raw = env[name]
+            parse = f.metadata.get("parse", str)
+            try:
+                values[f.name] = parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from None
+        settings = cls(**values)
+        settings = replace(settings, **overrides) if overrides else settings
+        settings.check(env)
+        return settings
+
+    def check(self, environ: Mapping[str, str]) -> None:
+        """Cross-field checks; raise ConfigError naming the variables. ``environ`` is what
+        the settings were read from (for limits set by another program, e.g. gunicorn)."""
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        """Every environment variable this class reads (for the README check)."""
+        return [f.metadata["env"] for f in fields(cls)]
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name``: what runtime configs derive theirs from."""
+        f = next(f for f in fields(cls) if f.name == name)
+        return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+@dataclass(frozen=True)
+class CommonSettings(EnvSettings):
+    """What every HTTP role (executor, dispatcher API) reads."""
 
     # Identity of this replica, reported in every answer and log line.
     region: str = field(default="local", metadata={"env": "ES_REGION"})
     replica: str = field(default_factory=socket.gethostname, metadata={"env": "ES_REPLICA"})
-    # Model catalog (TOML); None means the catalog shipped in the package.
-    catalog_path: Path | None = field(
-        default=None, metadata={"env": "ES_CATALOG", "parse": _optional_path}
-    )
     # Authentication: "key" or "tenant:key" entries, comma separated, and/or a
     # file with one entry per line.
     api_keys: str = field(default="", metadata={"env": "ES_API_KEYS"})
@@ -92,20 +151,6 @@ class Settings:
     )
     # Serving without any key on a non-loopback address must be asked for.
     allow_open: bool = field(default=False, metadata={"env": "ES_ALLOW_OPEN", "parse": _parse_bool})
-    # Model calls in flight per process; 0 means "the gunicorn thread count"
-    # (gthread) or 250 (gevent), see gunicorn_config.py.
-    max_in_flight: int = field(
-        default=0, metadata={"env": "ES_MAX_IN_FLIGHT", "parse": _non_negative_int}
-    )
-    # Seconds a client should wait before retrying after a 503.
-    retry_after_s: int = field(
-        default=1, metadata={"env": "ES_RETRY_AFTER_S", "parse": _positive_int}
-    )
-    # Server-side cap on one model call; below gunicorn's 60 s worker timeout
-    # so the app answers 504 before gunicorn kills the worker.
-    timeout_cap_s: float = field(
-        default=50.0, metadata={"env": "ES_TIMEOUT_CAP_S", "parse": _positive_float}
-    )
     # Request bodies above this many bytes get 413 (32,000-char prompts fit
     # with room for a long messages list).
     max_body_bytes: int = field(
@@ -124,88 +169,13 @@ class Settings:
     sentry_send_prompts: bool = field(
         default=False, metadata={"env": "ES_SENTRY_SEND_PROMPTS", "parse": _parse_bool}
     )
-    # Dispatcher: the store and the regions it fans out to.
-    database_url: str = field(
-        default="sqlite:///executor-service.db", metadata={"env": "ES_DATABASE_URL"}
-    )
-    regions_file: Path | None = field(
-        default=None, metadata={"env": "ES_REGIONS_FILE", "parse": _optional_path}
-    )
-    # Job size limits (questions x models x regions executions at most).
-    max_job_executions: int = field(
-        default=100_000, metadata={"env": "ES_MAX_JOB_EXECUTIONS", "parse": _positive_int}
-    )
-    # Fairness: at most this many executions per tenant per claim cycle.
-    tenant_batch: int = field(
-        default=20, metadata={"env": "ES_TENANT_BATCH", "parse": _positive_int}
-    )
-    lease_s: float = field(default=30.0, metadata={"env": "ES_LEASE_S", "parse": _positive_float})
-    # Dispatcher runtime. Job size: questions per job (each question runs once per
-    # model and region, so this bounds the request body and the results page).
-    max_job_questions: int = field(
-        default=10_000, metadata={"env": "ES_MAX_JOB_QUESTIONS", "parse": _positive_int}
-    )
-    # Retry backoff: base * 2**(attempt-1), capped, with jitter (full spreads a
-    # burst of failures the most; equal keeps at least half the delay).
-    backoff_base_s: float = field(
-        default=1.0, metadata={"env": "ES_BACKOFF_BASE_S", "parse": _positive_float}
-    )
-    backoff_max_s: float = field(
-        default=60.0, metadata={"env": "ES_BACKOFF_MAX_S", "parse": _positive_float}
-    )
-    backoff_jitter: str = field(
-        default="full",
-        metadata={"env": "ES_BACKOFF_JITTER", "parse": _choice("full", "equal", "none")},
-    )
-    # Circuit breaker per region: open after this many consecutive failures, stop
-    # claiming for the cool-down, then let one probe call through (half-open).
-    circuit_threshold: int = field(
-        default=5, metadata={"env": "ES_CIRCUIT_THRESHOLD", "parse": _positive_int}
-    )
-    circuit_cooldown_s: float = field(
-        default=30.0, metadata={"env": "ES_CIRCUIT_COOLDOWN_S", "parse": _positive_float}
-    )
-    # A failover-any retry that failed in a region is taken back by that region only
-    # once it has been due this long: other (healthy) regions get it first.
-    retry_handoff_s: float = field(
-        default=0.5, metadata={"env": "ES_RETRY_HANDOFF_S", "parse": _non_negative_float}
-    )
-    # How often an idle region asks the store for work submitted by another
-    # process; local completions and due retries wake it at once. 50 ms keeps a
-    # retry started by another process within backoff + 100 ms (D2) even with a
-    # slow claim; an idle claim is one indexed query, so 20/s per region is cheap.
-    claim_poll_s: float = field(
-        default=0.05, metadata={"env": "ES_CLAIM_POLL_S", "parse": _positive_float}
-    )
-    # On SIGTERM, in-flight calls get this long to finish before their leases
-    # are released for another worker.
-    shutdown_grace_s: float = field(
-        default=30.0, metadata={"env": "ES_SHUTDOWN_GRACE_S", "parse": _positive_float}
-    )
-    # Where the CLI (submit, status, results) finds the dispatcher API, and its key.
-    dispatcher_url: str = field(
-        default="http://127.0.0.1:8100", metadata={"env": "ES_DISPATCHER_URL"}
-    )
-    dispatcher_key: str = field(default="", metadata={"env": "ES_DISPATCHER_KEY"})
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read every field from ``environ`` (default ``os.environ``), then apply overrides."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            name = f.metadata["env"]
-            if name not in env:
-                continue
-            raw = env[name]
-            parse = f.metadata.get("parse", str)
-            try:
-                values[f.name] = parse(raw)
-            except ValueError as exc:
-                raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from None
-        settings = cls(**values)
-        return replace(settings, **overrides) if overrides else settings
 
-    def env_names(self) -> list[str]:
-        """Every environment variable this class reads (for the README check)."""
-        return [f.metadata["env"] for f in fields(self)]
+def __getattr__(name: str) -> Any:
+    """``Settings``: every role's settings in one class (imported lazily: the role
+    modules import this one)."""
+    if name == "Settings":
+        from .all_settings import Settings
+
+        return Settings
+    raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""One exception base and the handlers that give every error the same JSON shape.
+"""The API errors (on the package's one exception base, ``exceptions.py``) and the handlers that give every error the same JSON shape.
 
 Every error a client sees is ``{"error": {"code", "message", "details"}}``,
 whether it is raised by our code, by Werkzeug (404 route, 405, 413), by
@@ -14,10 +14,12 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from .exceptions import ExecutorServiceError
+
 logger = logging.getLogger(__name__)
 
 
-class APIError(Exception):
+class APIError(ExecutorServiceError):
     """Something went wrong."""
 
     status = 500

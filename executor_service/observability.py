@@ -1,4 +1,5 @@
-"""Logging, Prometheus metrics and Sentry, shared by the executor and the dispatcher.
+"""Logging, the /metrics response and Sentry, shared by the executor and the dispatcher
+(each role's metrics live with it: ``executor/metrics.py``, ``dispatcher/metrics.py``).
 
 Logs are JSON lines (python-json-logger) carrying request_id, model, region,
 status and timings. Metrics are prometheus-client objects; under gunicorn the
@@ -20,40 +21,14 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
     generate_latest,
     multiprocess,
 )
 from pythonjsonlogger.json import JsonFormatter
 
-from .config import Settings
+from .config import CommonSettings as Settings
 
 logger = logging.getLogger(__name__)
-
-# Model calls take from milliseconds (simulated) to a minute (large remote models).
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
-
-REQUESTS = Counter(
-    "executor_requests_total", "Requests to /execute by model and HTTP status.", ["model", "status"]
-)
-REQUEST_SECONDS = Histogram(
-    "executor_request_seconds",
-    "Total time of /execute requests.",
-    ["model"],
-    buckets=LATENCY_BUCKETS,
-)
-MODEL_SECONDS = Histogram(
-    "executor_model_seconds",
-    "Time spent inside the model provider.",
-    ["model"],
-    buckets=LATENCY_BUCKETS,
-)
-IN_FLIGHT = Gauge("executor_in_flight", "Model calls in flight.", multiprocess_mode="livesum")
-ADMISSION_REJECTIONS = Counter(
-    "executor_admission_rejections_total", "Requests answered 503 because the process was full."
-)
 
 # Fields Sentry must never carry unless prompts are explicitly allowed.
 SENSITIVE_KEYS = frozenset({"prompt", "messages", "output", "content", "questions", "answer"})

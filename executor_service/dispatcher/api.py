@@ -25,7 +25,7 @@ from typing import Any
 from flask import Flask, Response, current_app, g, request, stream_with_context
 from flask_smorest import Blueprint
 
-from ..config import Settings
+from .config import DispatcherSettings
 from ..errors import APIError, Conflict, NotFound, error_response
 from . import metrics
 from .jobs import JobLimits, build_job
@@ -74,7 +74,7 @@ class StoreUnavailable(APIError):
 class DispatcherState:
     """What the routes need, kept in ``app.extensions["dispatcher"]``."""
 
-    settings: Settings
+    settings: DispatcherSettings
     store: Store
     regions: Regions
     limits: JobLimits
@@ -339,7 +339,7 @@ def _refresh_queue_gauges() -> None:
 
 
 def init_app(
-    app: Flask, settings: Settings, api: Any, store: Store, regions: Regions, clock: Clock
+    app: Flask, settings: DispatcherSettings, api: Any, store: Store, regions: Regions, clock: Clock
 ) -> None:
     app.extensions["dispatcher"] = DispatcherState(
         settings=settings,
@@ -360,17 +360,17 @@ def init_app(
 
 def create_dispatcher_app(
     test_config: Mapping[str, Any] | None = None,
-    settings: Settings | None = None,
+    settings: DispatcherSettings | None = None,
     store: Store | None = None,
     regions: Regions | None = None,
     clock: Clock = time.time,
 ) -> Flask:
     """The dispatcher API: settings from the environment (``ES_*``), the regions file,
     the store at ``ES_DATABASE_URL`` (migrated on open) unless one is passed in."""
-    from .. import base_app
+    from ..app import base_app
     from .store import open_store
 
-    settings = settings or Settings.from_env()
+    settings = settings or DispatcherSettings.from_env()
     regions = regions or Regions.load(settings.regions_file)
     app, api = base_app(__name__, settings, test_config, "executor-service dispatcher")
     if store is None:

@@ -19,7 +19,7 @@ import logging
 import threading
 
 from .scheduler import CallVerdict, CircuitBreaker, CircuitChange, CircuitState, Clock
-from .store.base import Store
+from .store.base import Store, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class RegionCircuit:
             self._next_divert = now + self.cooldown_s
         try:
             moved = self.store.divert_queued(self.region, now)
-        except Exception:
+        except StoreError:
             # Not fatal: the work stays queued here and the next divert tries again.
             logger.exception("divert_queued failed", extra={"region": self.region})
             return
@@ -111,5 +111,5 @@ class RegionCircuit:
             )
         try:
             self.store.set_circuit(self.region, change.state.value, change.open_until)
-        except Exception:
+        except StoreError:
             logger.exception("set_circuit failed", extra={"region": self.region})

@@ -1,8 +1,9 @@
-"""Gunicorn settings for the dispatcher's HTTP API (``executor-service dispatcher``).
+"""Gunicorn settings for the dispatcher's HTTP API (``executor-service dispatcher api``).
 
 Separate from the executor's: the API is light (store reads and writes), so
 one worker with a few threads is enough, and the metrics directory belongs to
-the ``dispatcher`` command, which shares it with the region-worker process;
+whoever runs the API and the region workers (``executor-service dispatcher`` makes
+one and gives it to both processes);
 it must not be wiped when gunicorn starts, as the executor's config does.
 
     HOST (127.0.0.1), PORT (8100), DISPATCHER_WORKERS (1), DISPATCHER_THREADS (4),
@@ -13,21 +14,18 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        return int(raw) if raw.strip() else default
-    except ValueError:
-        sys.exit(f"{name}={raw!r} is not an integer")
 
+from executor_service.gunicorn_common import GUNICORN_TIMEOUT_DEFAULT
+from executor_service.gunicorn_common import env_int as _int
 
 bind = [f"{os.environ.get('HOST', '127.0.0.1')}:{_int('PORT', 8100)}"]
 workers = _int("DISPATCHER_WORKERS", 1)
 threads = _int("DISPATCHER_THREADS", 4)
 worker_class = "gthread"
-timeout = _int("GUNICORN_TIMEOUT", 60)
+timeout = _int("GUNICORN_TIMEOUT", GUNICORN_TIMEOUT_DEFAULT)
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
 keepalive = 5
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "") or None
@@ -36,20 +34,21 @@ loglevel = os.environ.get("GUNICORN_LOGLEVEL", "warning")
 preload_app = False
 
 
-def on_starting(server):
+def on_starting(server: Any) -> None:
     """Refuse an open (keyless) API on a non-loopback address unless asked for."""
     from executor_service.auth import KeyRing, check_open_bind
-    from executor_service.config import ConfigError, Settings
+    from executor_service.config import ConfigError
+    from executor_service.dispatcher.config import DispatcherSettings
 
     try:
-        settings = Settings.from_env()
+        settings = DispatcherSettings.from_env()
         check_open_bind(server.cfg.bind, KeyRing.from_settings(settings), settings.allow_open)
     except ConfigError as exc:
         server.log.error("configuration error: %s", exc)
         sys.exit(1)
 
 
-def child_exit(server, worker):
+def child_exit(server: Any, worker: Any) -> None:
     """A dead worker's live gauges must stop counting."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import Settings
+from .config import DispatcherSettings
 from ..errors import ValidationFailed
 from .regions import Regions
 from .store.base import Failover, NewJob
@@ -30,7 +30,7 @@ class JobLimits:
     max_executions: int
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> JobLimits:
+    def from_settings(cls, settings: DispatcherSettings) -> JobLimits:
         return cls(settings.max_job_questions, settings.max_job_executions)
 
 

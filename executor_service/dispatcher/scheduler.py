@@ -3,7 +3,8 @@ and when a region should stop taking work (its circuit breaker).
 
 Time comes from an injected clock and randomness from an injected
 ``random.Random``, so every decision here is testable without sleeping. The
-worker applies the decisions through the store.
+worker applies the decisions through the store; the state transitions they lead
+to (dead-letter, cancel finality, reap) are ``rules.py``'s.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..config import Settings
+from . import rules
+from .config import DispatcherSettings
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +44,12 @@ class BackoffPolicy:
     """Exponential backoff: ``min(max_s, base_s * 2**(attempt-1))``, jittered;
     a Retry-After from the executor is a floor."""
 
-    base_s: float = 1.0
-    max_s: float = 60.0
-    jitter: Jitter = Jitter.FULL
+    base_s: float = DispatcherSettings.default("backoff_base_s")
+    max_s: float = DispatcherSettings.default("backoff_max_s")
+    jitter: Jitter = Jitter(DispatcherSettings.default("backoff_jitter"))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> BackoffPolicy:
+    def from_settings(cls, settings: DispatcherSettings) -> BackoffPolicy:
         return cls(settings.backoff_base_s, settings.backoff_max_s, Jitter(settings.backoff_jitter))
 
     def ceiling(self, attempt: int) -> float:
@@ -104,7 +106,7 @@ class RetryScheduler:
         retry after the backoff for this attempt (at least ``retry_after_s``)."""
         if not retryable:
             return RetryDecision(None, gave_up=GiveUp.NON_RETRYABLE)
-        if attempt >= max_attempts:
+        if rules.exhausted(attempt, max_attempts):
             return RetryDecision(None, gave_up=GiveUp.MAX_ATTEMPTS)
         with self._lock:
             delay = self.policy.delay(attempt, self.rng, retry_after_s)

@@ -1,4 +1,4 @@
-"""The dispatcher runtime: one claim loop and one thread pool per region, a heartbeat
+"""The dispatcher runtime: one claim loop and one call pool per region, a heartbeat
 and a reaper.
 
 Each region claims only for its own free slots and runs calls on its own pool of
@@ -10,14 +10,18 @@ region's circuit is open, its queued failover-any work is handed to the other re
 (circuit.py). The heartbeat extends the leases of calls in flight; the reaper returns
 expired leases (a crashed process's calls) to the queue. Stopping stops claiming, lets
 calls in flight finish within a grace period, and releases what remains.
+
+Steppable: the call pool and the claim loop's wait are passed in (``runtime.py``), and
+``claim_once``, ``heartbeat_once`` and ``reap_once`` are the loops' single turns. A test
+gives ``Dispatcher`` an ``InlinePool``, a ``ManualWakeup`` and a fake clock, and drives
+``step()``: no threads, no sleeps. The loops catch ``StoreError`` only (an outage is
+expected, retried after a pause); any other exception is a bug and crashes loudly.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
-import queue
 import random
 import socket
 import threading
@@ -27,13 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..config import Settings
 from . import metrics
 from .circuit import RegionCircuit
 from .client import CallResult, ExecutorClient, Outcome
+from .config import DispatcherSettings
 from .regions import Region, Regions
+from .rules import ClaimRequest
+from .runtime import DaemonPool, Pool, ThreadWakeup, Wakeup
 from .scheduler import BackoffPolicy, Clock, RetryScheduler
-from .store.base import DEFAULT_RETRY_HANDOFF_S, Claim, Store
+from .store.base import Claim, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +59,26 @@ class Caller(Protocol):
 
 
 ClientFactory = Callable[[Region], Caller]
+PoolFactory = Callable[[Region], Pool]
+WakeupFactory = Callable[[Clock], Wakeup]
+_D = DispatcherSettings.default  # every default below is the setting's, defined once
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """The runtime's knobs, from the settings."""
+    """The runtime's knobs, from the settings (defaults: the settings' defaults)."""
 
-    lease_s: float = 30.0
-    tenant_batch: int = 20
-    claim_poll_s: float = 0.1
-    shutdown_grace_s: float = 30.0
-    circuit_threshold: int = 5
-    circuit_cooldown_s: float = 30.0
-    retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S
+    lease_s: float = _D("lease_s")
+    tenant_batch: int = _D("tenant_batch")
+    claim_poll_s: float = _D("claim_poll_s")
+    shutdown_grace_s: float = _D("shutdown_grace_s")
+    circuit_threshold: int = _D("circuit_threshold")
+    circuit_cooldown_s: float = _D("circuit_cooldown_s")
+    retry_handoff_s: float = _D("retry_handoff_s")
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> WorkerConfig:
+    def from_settings(cls, settings: DispatcherSettings) -> WorkerConfig:
         return cls(
             lease_s=settings.lease_s,
             tenant_batch=settings.tenant_batch,
@@ -98,38 +107,6 @@ def request_id_for(claim: Claim) -> str:
     return f"{claim.job_id}.{claim.execution_id}.{claim.attempt}"
 
 
-class DaemonPool:
-    """A fixed set of daemon threads running submitted calls. Daemon, unlike
-    ``ThreadPoolExecutor``, so a call still running after the shutdown grace
-    (its lease already released) cannot keep the process alive."""
-
-    def __init__(self, size: int, name: str) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
-            for i in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _work(self) -> None:
-        while True:
-            task = self._queue.get()
-            if task is None:
-                return
-            try:
-                task()
-            except Exception:  # a task must not kill its thread
-                logger.exception("pool task failed")
-
-    def submit(self, task: Callable[[], None]) -> None:
-        self._queue.put(task)
-
-    def shutdown(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-
-
 class RegionWorker:
     """Claims and runs one region's executions."""
 
@@ -143,6 +120,8 @@ class RegionWorker:
         clock: Clock,
         worker_id: str,
         on_retry_scheduled: Callable[[float], None] = lambda _at: None,
+        pool: Pool | None = None,
+        wakeup: Wakeup | None = None,
     ) -> None:
         self.region = region
         self.spec = region.spec()
@@ -156,18 +135,27 @@ class RegionWorker:
         self.circuit = RegionCircuit(
             region.name, store, config.circuit_threshold, config.circuit_cooldown_s, clock
         )
-        self._cond = threading.Condition()
-        self._woken = False
-        self._wake_times: list[float] = []  # heap of clock times a due retry wakes us
+        self._cond = threading.Condition()  # guards _inflight
         self._inflight: dict[int, Claim] = {}
+        self.wakeup = wakeup or ThreadWakeup(clock)
         self._stopping = threading.Event()
-        self._pool: DaemonPool | None = None
+        self._pool = pool
+        self._opened = False
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self) -> None:
-        self._pool = DaemonPool(self.region.concurrency, f"call-{self.region.name}")
+    def open(self) -> None:
+        """Ready to claim: the call pool exists, the circuit is published (closed)."""
+        if self._opened:
+            return
+        self._opened = True
+        if self._pool is None:
+            self._pool = DaemonPool(self.region.concurrency, f"call-{self.region.name}")
         self.circuit.start()
+
+    def start(self) -> None:
+        """Open, then run the claim loop in a thread of its own."""
+        self.open()
         self._thread = threading.Thread(
             target=self._loop, name=f"claim-{self.region.name}", daemon=True
         )
@@ -211,7 +199,7 @@ class RegionWorker:
             try:
                 if self.store.release(execution_id, token, self.clock()):
                     released += 1
-            except Exception:
+            except StoreError:
                 logger.exception(
                     "release failed", extra={"region": self.region.name, "execution": execution_id}
                 )
@@ -219,38 +207,22 @@ class RegionWorker:
 
     # -- waking ------------------------------------------------------------
     def wake(self) -> None:
-        with self._cond:
-            self._woken = True
-            self._cond.notify_all()
+        self.wakeup.wake()
 
     def wake_at(self, when: float) -> None:
         """Claim again at clock time ``when`` (a retry becomes due then)."""
-        with self._cond:
-            heapq.heappush(self._wake_times, when)
-            self._cond.notify_all()
-
-    def _wait(self, timeout: float) -> None:
-        with self._cond:
-            now = self.clock()
-            while self._wake_times and self._wake_times[0] <= now:
-                heapq.heappop(self._wake_times)
-                self._woken = True
-            if self._wake_times:
-                timeout = min(timeout, self._wake_times[0] - now)
-            if not self._woken and not self._stopping.is_set() and timeout > 0:
-                self._cond.wait(timeout)
-            self._woken = False
+        self.wakeup.wake_at(when)
 
     # -- claiming ----------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
                 pause = self.claim_once()
-            except Exception:
+            except StoreError:
                 logger.exception("claim loop error", extra={"region": self.region.name})
                 pause = STORE_ERROR_PAUSE_S
-            if pause > 0:
-                self._wait(pause)
+            if pause > 0 and not self._stopping.is_set():
+                self.wakeup.wait(pause)
 
     def claim_once(self) -> float:
         """Claim for the free slots and start the calls. Returns how long to wait before
@@ -265,17 +237,18 @@ class RegionWorker:
         if allowed <= 0:
             return self.circuit.pause_s(poll)
         started = time.monotonic()
+        request = ClaimRequest(
+            region=self.spec,
+            limit=allowed,
+            now=self.clock(),
+            lease_s=self.config.lease_s,
+            worker=self.worker_id,
+            tenant_batch=self.config.tenant_batch,
+            retry_handoff_s=self.config.retry_handoff_s,
+        )
         try:
-            claims = self.store.claim(
-                self.spec,
-                allowed,
-                self.clock(),
-                self.config.lease_s,
-                self.worker_id,
-                self.config.tenant_batch,
-                self.config.retry_handoff_s,
-            )
-        except Exception:
+            claims = self.store.claim(request)
+        except StoreError:
             logger.exception("claim failed", extra={"region": self.region.name})
             return STORE_ERROR_PAUSE_S
         metrics.CLAIM_SECONDS.labels(self.region.name).observe(time.monotonic() - started)
@@ -321,7 +294,7 @@ class RegionWorker:
             metrics.CALLS.labels(name, result.outcome.value).inc()
             metrics.CALL_SECONDS.labels(name).observe(max(0.0, finished - started))
             self._record(claim, result, started, finished, log)
-        except Exception:
+        except StoreError:
             # The store failed: the lease expires and the reaper gives it back.
             logger.exception("recording the result failed", extra=log)
         finally:
@@ -329,9 +302,9 @@ class RegionWorker:
                 self.circuit.record(result.verdict)
             with self._cond:
                 self._inflight.pop(claim.execution_id, None)
-                self._woken = True
                 self._cond.notify_all()
             metrics.IN_FLIGHT.labels(name).dec()
+            self.wakeup.wake()  # a slot is free
 
     def _record(
         self, claim: Claim, result: CallResult, started: float, finished: float, log: dict[str, Any]
@@ -384,7 +357,11 @@ class Dispatcher:
         rng: random.Random | None = None,
         client_factory: ClientFactory | None = None,
         worker_id: str | None = None,
+        pool_factory: PoolFactory | None = None,
+        wakeup_factory: WakeupFactory = ThreadWakeup,
     ) -> None:
+        """``pool_factory`` (default: a DaemonPool of the region's concurrency, made at
+        start) and ``wakeup_factory`` are the runtime's primitives (``runtime.py``)."""
         self.store = store
         self.regions = regions
         self.config = config or WorkerConfig()
@@ -403,6 +380,8 @@ class Dispatcher:
                 clock,
                 self.worker_id,
                 self._retry_scheduled,
+                pool=None if pool_factory is None else pool_factory(region),
+                wakeup=wakeup_factory(clock),
             )
             for region in regions
         }
@@ -436,6 +415,16 @@ class Dispatcher:
     def in_flight(self) -> int:
         return sum(w.in_flight() for w in self.workers.values())
 
+    def step(self) -> dict[str, float]:
+        """One claim turn of every region, in this thread (a test's stepping): returns
+        each region's pause before its next claim. Heartbeat and reap are
+        ``heartbeat_once`` and ``reap_once``."""
+        pauses = {}
+        for name, worker in self.workers.items():
+            worker.open()
+            pauses[name] = worker.claim_once()
+        return pauses
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.config.heartbeat_s):
             self.heartbeat_once()
@@ -447,7 +436,7 @@ class Dispatcher:
             return 0
         try:
             held = self.store.heartbeat(leases, self.clock(), self.config.lease_s)
-        except Exception:
+        except StoreError:
             logger.exception("heartbeat failed")
             return 0
         lost = [eid for eid, _ in leases if eid not in held]
@@ -462,7 +451,7 @@ class Dispatcher:
     def reap_once(self) -> int:
         try:
             reaped = self.store.reap_expired(self.clock())
-        except Exception:
+        except StoreError:
             logger.exception("reap failed")
             return 0
         if reaped:

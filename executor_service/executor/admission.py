@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..errors import Overloaded
-from ..observability import ADMISSION_REJECTIONS, IN_FLIGHT
+from .metrics import ADMISSION_REJECTIONS, IN_FLIGHT
 
 
 class Admission:

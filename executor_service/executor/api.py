@@ -12,9 +12,9 @@ import sentry_sdk
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_smorest import Blueprint
 
-from ..config import Settings
+from .config import ExecutorSettings
 from ..errors import ModelTimeout, NotReady, ProviderError, UnknownModel, ValidationFailed
-from ..observability import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
+from .metrics import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
 from .admission import Admission
 from .catalog import Catalog
 from .providers import Call, ProviderFailure, ProviderRejected, ProviderTimeout
@@ -29,7 +29,7 @@ blp = Blueprint("executor", __name__, description="Run one model call synchronou
 class ExecutorState:
     """What the executor routes need, kept in ``app.extensions["executor"]``."""
 
-    settings: Settings
+    settings: ExecutorSettings
     catalog: Catalog
     admission: Admission
     draining: bool = False
@@ -187,7 +187,7 @@ def _observe(response: Response) -> Response:
     return response
 
 
-def init_app(app: Flask, settings: Settings, api: Any) -> None:
+def init_app(app: Flask, settings: ExecutorSettings, api: Any) -> None:
     catalog = Catalog.load(settings.catalog_path)
     limit = settings.max_in_flight or 8
     app.extensions["executor"] = ExecutorState(

@@ -1,4 +1,6 @@
-"""The dispatcher store's behaviour, one suite run against SQLite and PostgreSQL.
+"""The dispatcher store's behaviour, one suite run against the memory store, SQLite and
+PostgreSQL (the memory store is what the worker and API unit tests use: this suite is
+what keeps it honest).
 
 Time is passed in (``now``), so leases expire and retries fall due without
 sleeping. Concurrency tests use several store instances (separate connections,
@@ -15,9 +17,9 @@ from pathlib import Path
 import pytest
 from store_fixtures import PostgresDatabases, sqlite_url
 
+from executor_service.dispatcher.rules import DEFAULT_RETRY_HANDOFF_S, ClaimRequest
 from executor_service.dispatcher.store import DatabaseURLError, open_store
 from executor_service.dispatcher.store.base import (
-    DEFAULT_RETRY_HANDOFF_S,
     Claim,
     Execution,
     Failover,
@@ -42,9 +44,14 @@ def postgres_databases() -> Iterator[PostgresDatabases]:
     databases.close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The URL of a fresh database of each kind (migrated when opened)."""
+    if request.param == "memory":
+        yield "memory://"
+        return
     if request.param == "sqlite":
         yield sqlite_url(tmp_path)
         return
@@ -86,7 +93,9 @@ def claim(
     tenant_batch: int = 1_000,
     retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S,
 ) -> list[Claim]:
-    return store.claim(region, limit, now, LEASE_S, "worker-1", tenant_batch, retry_handoff_s)
+    return store.claim(
+        ClaimRequest(region, limit, now, LEASE_S, "worker-1", tenant_batch, retry_handoff_s)
+    )
 
 
 def execution(store: Store, job_id: str, execution_id: int) -> Execution:
@@ -616,7 +625,10 @@ def test_concurrent_claimers_respect_the_limit_and_never_share_an_execution(
         RegionSpec("r1", concurrency=4, models=frozenset({"m1"})),
         RegionSpec("r2", concurrency=3, models=frozenset({"m1"})),
     ]
-    stores = [open_store(store_url) for _ in range(3)]
+    if store_url == "memory://":  # one process: three threads share the one store
+        stores = [open_store(store_url)] * 3
+    else:
+        stores = [open_store(store_url) for _ in range(3)]
     job, _ = stores[0].create_job(make_job(questions=150, regions=("r1", "r2")), T0)
     claimed: list[tuple[int, int]] = []  # (execution id, attempt) of every claim made
     problems: list[str] = []
@@ -625,7 +637,7 @@ def test_concurrent_claimers_respect_the_limit_and_never_share_an_execution(
     def work(store: Store, region: RegionSpec, name: str) -> None:
         try:
             while not store.job_finished(job.id):
-                claims = store.claim(region, 2, T0, 3_600.0, name, 10)
+                claims = store.claim(ClaimRequest(region, 2, T0, 3_600.0, name, 10))
                 for queue in store.queue_stats(T0, regions).regions:
                     limit = next(r.concurrency for r in regions if r.name == queue.region)
                     if queue.in_flight > limit:
@@ -654,7 +666,8 @@ def test_concurrent_claimers_respect_the_limit_and_never_share_an_execution(
             t.join()
     finally:
         for s in stores[1:]:
-            s.close()
+            if s is not stores[0]:
+                s.close()
     assert problems == []
     retried = 2 * 22  # question indexes 0, 7, ..., 147 in each region
     assert len(claimed) == len(set(claimed)) == 300 + retried

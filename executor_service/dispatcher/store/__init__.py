@@ -3,7 +3,18 @@
 ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` and
 ``sqlite:///:memory:`` open the embedded SQLite store (one dispatcher host);
 ``postgresql://...`` and ``postgres://...`` open the PostgreSQL store (any number
-of dispatcher processes). The interface lives in ``base``.
+of dispatcher processes); ``memory://`` the in-memory store (one process, nothing
+kept: tests and trials).
+
+    base.py        the interface (Store) and its errors
+    models.py      the records: jobs, executions, attempts, claims, queue stats
+    records.py     ids, tokens, job expansion, rows -> records (shared by every store)
+    memory.py      MemoryStore: dicts, inspectable state
+    sql_store.py   what the SQL stores share (most operations)
+    sqlite.py      SQLiteStore;  postgres.py  PostgresStore
+    sql_files.py   loading migrations (sql/<dialect>/) and named queries (sql/queries_*.sql)
+
+The scheduling rules the stores apply live in ``dispatcher/rules.py``.
 """
 
 from __future__ import annotations
@@ -39,7 +50,11 @@ def open_store(database_url: str, *, migrate: bool = True) -> Store:
     scheme only, never the URL, which may hold a password)."""
     scheme = database_url.partition("://")[0].lower() if "://" in database_url else ""
     store: Store
-    if scheme == "sqlite":
+    if scheme == "memory":
+        from executor_service.dispatcher.store.memory import MemoryStore
+
+        store = MemoryStore()
+    elif scheme == "sqlite":
         from executor_service.dispatcher.store.sqlite import SQLiteStore
 
         store = SQLiteStore(sqlite_path(database_url))
@@ -50,7 +65,7 @@ def open_store(database_url: str, *, migrate: bool = True) -> Store:
     else:
         raise DatabaseURLError(
             f"unsupported database URL scheme {scheme or '(none)'!r}: expected"
-            " sqlite:///path.db, postgresql://... or postgres://..."
+            " sqlite:///path.db, postgresql://..., postgres://... or memory://"
         )
     if migrate:
         try:

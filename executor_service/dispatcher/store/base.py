@@ -1,11 +1,13 @@
-"""The dispatcher's store: one small interface, two implementations (SQLite, PostgreSQL).
+"""The dispatcher's store: one small interface, three implementations (memory.py for unit
+tests, sqlite.py for one host, postgres.py for many processes).
 
 The store owns everything that must hold across processes and crashes: jobs,
 executions and their attempts, leases with fencing tokens, each region's
 concurrency (counted at claim time under a lock, so two dispatcher
 processes never send a region more than its slots), and each region's
-circuit state. Scheduling *decisions* (backoff, dead-lettering, circuit
-opening) are made by the scheduler in Python and applied here atomically.
+circuit state. Every scheduling *decision* (dead-lettering, cancel finality,
+what a reaped or released lease becomes, the claim order) is made in Python by
+``dispatcher/rules.py`` and the scheduler; a store applies them atomically.
 
 All times are float seconds since the epoch from the caller's clock, so tests
 drive time without sleeping.
@@ -15,155 +17,48 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# How long a failover-any retry that failed in a region waits, once due, before that
-# same region may take it back (claim step 2): other regions' head start.
-DEFAULT_RETRY_HANDOFF_S = 0.5
+from executor_service.dispatcher.store.models import (
+    Attempt,
+    Claim,
+    Execution,
+    Failover,
+    Job,
+    NewJob,
+    QueueStats,
+    RegionQueue,
+    RegionSpec,
+    State,
+)
+from executor_service.exceptions import ExecutorServiceError
+
+if TYPE_CHECKING:
+    from executor_service.dispatcher.rules import ClaimRequest
+
+__all__ = [  # the records are defined in models.py
+    "Attempt",
+    "Claim",
+    "Execution",
+    "Failover",
+    "IdempotencyConflict",
+    "Job",
+    "NewJob",
+    "QueueStats",
+    "RegionQueue",
+    "RegionSpec",
+    "State",
+    "Store",
+    "StoreError",
+]
 
 
-class StoreError(Exception):
+class StoreError(ExecutorServiceError):
     """The store failed."""
 
 
 class IdempotencyConflict(StoreError):
     """The idempotency key was used before with a different request body."""
-
-
-class State(str, Enum):
-    """Execution states: queued -> leased -> succeeded | retry_wait | dead | cancelled;
-    retry_wait -> leased."""
-
-    QUEUED = "queued"
-    LEASED = "leased"
-    SUCCEEDED = "succeeded"
-    RETRY_WAIT = "retry_wait"
-    DEAD = "dead"
-    CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self in {State.SUCCEEDED, State.DEAD, State.CANCELLED}
-
-
-class Failover(str, Enum):
-    ANY = "any"  # a failed call may be retried by any region serving the model
-    NONE = "none"  # retried only in the requested region (cross-region comparisons)
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """A validated job, ready to be expanded into executions (question x model x region)."""
-
-    tenant: str
-    questions: list[str]
-    models: list[str]
-    # model -> the regions it is requested in (already defaulted and validated)
-    regions_by_model: dict[str, list[str]]
-    failover: Failover = Failover.ANY
-    max_attempts: int = 3
-    priority: int = 0
-    idempotency_key: str | None = None
-    # hash of the canonical request body: same key + same hash -> same job
-    request_hash: str = ""
-    params: dict[str, Any] = field(default_factory=dict)  # max_tokens, temperature, seed...
-
-
-@dataclass(frozen=True)
-class Job:
-    id: str
-    tenant: str
-    created_at: float
-    failover: Failover
-    max_attempts: int
-    priority: int
-    questions: list[str]
-    models: list[str]
-    regions_by_model: dict[str, list[str]]
-    params: dict[str, Any]
-    idempotency_key: str | None
-    cancelled: bool
-    total: int  # executions
-
-
-@dataclass(frozen=True)
-class Attempt:
-    number: int
-    region: str
-    started_at: float
-    finished_at: float | None
-    ok: bool
-    error: dict[str, Any] | None  # {"code", "message", "status"?, "retry_after_s"?}
-
-
-@dataclass(frozen=True)
-class Execution:
-    id: int
-    job_id: str
-    tenant: str
-    question_index: int
-    question: str
-    model: str
-    requested_region: str
-    executed_region: str | None
-    state: State
-    attempts: int
-    due_at: float | None
-    last_error: dict[str, Any] | None
-    output: str | None
-    result: dict[str, Any] | None  # the executor's full 200 body
-    created_at: float
-    finished_at: float | None
-    attempt_log: list[Attempt] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A leased execution: the worker owns it while ``token`` is current."""
-
-    execution_id: int
-    token: str
-    job_id: str
-    tenant: str
-    question_index: int
-    question: str
-    model: str
-    requested_region: str
-    region: str  # where it runs now
-    attempt: int  # 1-based number of this attempt
-    max_attempts: int
-    failover: Failover
-    params: dict[str, Any]
-    lease_expires_at: float
-    source: str  # "global_retry" | "own_retry" | "new": which queue it came from
-
-
-@dataclass(frozen=True)
-class RegionSpec:
-    """What the store needs of a region to claim for it."""
-
-    name: str
-    concurrency: int
-    models: frozenset[str]
-
-
-@dataclass(frozen=True)
-class RegionQueue:
-    region: str
-    queued: int  # new work requested here
-    retry_wait: int  # this region's own retries waiting
-    in_flight: int  # leased and running here
-    circuit: str  # "closed" | "open" | "half_open"
-    circuit_open_until: float | None
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    global_retry: int  # retry_wait executions that may fail over
-    regions: list[RegionQueue]
-    dead: int
 
 
 class Store(ABC):
@@ -203,18 +98,10 @@ class Store(ABC):
 
     # -- scheduling ---------------------------------------------------------
     @abstractmethod
-    def claim(
-        self,
-        region: RegionSpec,
-        limit: int,
-        now: float,
-        lease_s: float,
-        worker: str,
-        tenant_batch: int,
-        retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S,
-    ) -> list[Claim]:
-        """Lease up to ``limit`` executions for ``region``, never letting the region's
-        leased count exceed ``region.concurrency`` across all processes. Order:
+    def claim(self, request: ClaimRequest) -> list[Claim]:
+        """Lease up to ``request.limit`` executions for ``request.region``, never letting
+        the region's leased count exceed its concurrency across all processes. The
+        order is ``rules.pick`` (the store answers its ``ClaimQueues`` queries):
         1. global retry queue: retry_wait, due, failover any, model served by the
            region, last failed in another region; oldest failure first (this is also
            where work diverted from a region with an open circuit is picked up);
@@ -253,17 +140,20 @@ class Store(ABC):
     ) -> bool:
         """Record a failed attempt (fenced by token). ``retry_at`` None dead-letters it
         with ``error`` as its last error; otherwise retry_wait, due at ``retry_at``,
-        with last_region = the region it failed in. False if the lease was lost."""
+        with last_region = the region it failed in; what it becomes is
+        ``rules.after_failure`` (cancel finality). False if the lease was lost."""
 
     @abstractmethod
     def release(self, execution_id: int, token: str, now: float) -> bool:
         """Give a lease back without it counting as an attempt (shutdown): the
-        execution returns to the state it was claimed from, due now."""
+        execution returns to the state it was claimed from, due now
+        (``rules.after_release``)."""
 
     @abstractmethod
     def reap_expired(self, now: float, max_backoff_s: float = 0.0) -> int:
         """Expired leases become retry_wait due now (the attempt is recorded as
-        error code lease_expired), or dead when attempts are exhausted. Returns count."""
+        error code lease_expired), or dead when attempts are exhausted, or cancelled
+        (``rules.after_lease_expired``). Returns count."""
 
     @abstractmethod
     def divert_queued(self, region: str, now: float) -> int:

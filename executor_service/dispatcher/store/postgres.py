@@ -13,8 +13,8 @@ Concurrency, the part that matters:
   lock, so it sees every lease committed by the previous holder (the bug
   pgqueuer fixed in 1.4.0 was counting before locking). SKIP LOCKED keeps two
   regions claiming the same global retry from waiting on each other.
-- Writes that can race with cancel_job (fail, release, reap) lock the job row
-  FOR SHARE before the execution row, and cancel_job updates the job row before
+- Writes that can race with cancel_job (fail, release, reap: ``lease_of`` and
+  ``_expired_leases``) lock the job row FOR SHARE before the execution row, and cancel_job updates the job row before
   its executions: the same lock order everywhere, no deadlock, and a failure
   racing a cancel cannot leave a retry behind for a cancelled job.
 - divert_queued (a region's circuit opened) locks the rows it moves with
@@ -38,15 +38,11 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from executor_service.dispatcher.store import common
-from executor_service.dispatcher.store.base import (
-    DEFAULT_RETRY_HANDOFF_S,
-    Claim,
-    NewJob,
-    RegionSpec,
-    State,
-    StoreError,
-)
+from executor_service.dispatcher import rules
+from executor_service.dispatcher.rules import ClaimRequest
+from executor_service.dispatcher.store import records
+from executor_service.dispatcher.store.base import Claim, NewJob, StoreError
+from executor_service.dispatcher.store.sql_files import load_migrations, load_queries
 from executor_service.dispatcher.store.sql_store import SQLStore
 
 logger = logging.getLogger(__name__)
@@ -57,7 +53,7 @@ _LOCK_NAMESPACE = 0x45534443
 _MIGRATION_LOCK = 0  # second key of the migration lock; regions use hashtext(name)
 
 Cursor = psycopg.Cursor[DictRow]
-Q = common.load_queries("postgres")
+Q = load_queries("postgres")
 
 
 class PostgresStore(SQLStore[Cursor]):
@@ -98,6 +94,10 @@ class PostgresStore(SQLStore[Cursor]):
         return value
 
     @staticmethod
+    def _list(values: Sequence[Any]) -> list[Any]:
+        return list(values)
+
+    @staticmethod
     def _dumps(value: Any) -> Jsonb:
         """JSON parameters are passed as jsonb."""
         return Jsonb(value)
@@ -124,7 +124,7 @@ class PostgresStore(SQLStore[Cursor]):
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
             applied = {r["version"] for r in cur.execute("SELECT version FROM schema_migrations")}
-            for migration in common.load_migrations("postgres"):
+            for migration in load_migrations("postgres"):
                 if migration.version in applied:
                     continue
                 logger.info("applying migration %04d_%s", migration.version, migration.name)
@@ -140,7 +140,7 @@ class PostgresStore(SQLStore[Cursor]):
     # -- jobs -----------------------------------------------------------------
     def _insert_job(
         self, cur: Cursor, job: NewJob, args: dict[str, Any]
-    ) -> tuple[common.Row, bool]:
+    ) -> tuple[records.Row, bool]:
         """Insert first: ON CONFLICT waits for a concurrent insert of the same key to
         commit or abort, then the key's job is looked up."""
         row = cur.execute(Q["insert_job"], args).fetchone()
@@ -152,50 +152,32 @@ class PostgresStore(SQLStore[Cursor]):
         return existing, False
 
     def _insert_executions(self, cur: Cursor, rows: Iterable[tuple[Any, ...]]) -> None:
-        columns = ", ".join(common.NEW_EXECUTION_COLUMNS)
+        columns = ", ".join(records.NEW_EXECUTION_COLUMNS)
         # COPY: 100,000 executions in about a second instead of minutes of INSERTs.
         with cur.copy(f"COPY executions ({columns}) FROM STDIN") as copy:
             for values in rows:
                 copy.write_row(values)
 
     # -- scheduling -----------------------------------------------------------
-    def claim(
-        self,
-        region: RegionSpec,
-        limit: int,
-        now: float,
-        lease_s: float,
-        worker: str,
-        tenant_batch: int,
-        retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S,
-    ) -> list[Claim]:
-        if limit <= 0 or not region.models:
+    def claim(self, request: ClaimRequest) -> list[Claim]:
+        if request.empty:
             return []
-        args: dict[str, Any] = {
-            "namespace": _LOCK_NAMESPACE,
-            "region": region.name,
-            "models": sorted(region.models),
-            "now": now,
-            "expires": now + lease_s,
-            "worker": worker,
-            # a failover-any retry that failed here is ours again once due by then
-            "handoff_due": now - max(0.0, retry_handoff_s),
-        }
+        args = {**self._claim_args(request), "namespace": _LOCK_NAMESPACE}
         with self._transaction() as cur:
             cur.execute(Q["lock_region"], args)
             row = cur.execute(Q["count_leased"], args).fetchone()
-            free = min(limit, region.concurrency - (row["n"] if row else 0))
+            free = min(request.limit, request.region.concurrency - (row["n"] if row else 0))
             if free <= 0:
                 return []
-            picked = self._pick(cur, args, free, tenant_batch)
+            picked = rules.pick(self._queues(cur, args), free, request.tenant_batch)
             if not picked:
                 return []
-            tokens = [common.new_token() for _ in picked]
+            tokens = [records.new_token() for _ in picked]
             lease = {
                 **args,
                 "ids": [i for i, _ in picked],
                 "tokens": tokens,
-                "sources": [s for _, s in picked],
+                "sources": [s.value for _, s in picked],
             }
             leased = {r["id"]: r for r in cur.execute(Q["lease"], lease)}
             job_ids = sorted({r["job_id"] for r in leased.values()})
@@ -203,13 +185,13 @@ class PostgresStore(SQLStore[Cursor]):
                 r["id"]: r["params"] for r in cur.execute(Q["job_params"], {"job_ids": job_ids})
             }
         return [
-            common.claim_from_row(
+            records.claim_from_row(
                 leased[execution_id],
                 token=token,
-                source=source,
-                region=region.name,
+                source=source.value,
+                region=request.region.name,
                 params=params[leased[execution_id]["job_id"]],
-                lease_expires_at=args["expires"],
+                lease_expires_at=request.expires,
             )
             for (execution_id, source), token in zip(picked, tokens, strict=True)
         ]
@@ -235,62 +217,20 @@ class PostgresStore(SQLStore[Cursor]):
         with self._transaction() as cur:
             return {r["id"] for r in cur.execute(Q["heartbeat"], args)}
 
-    def fail(
-        self,
-        execution_id: int,
-        token: str,
-        error: dict[str, Any],
-        now: float,
-        started_at: float,
-        retry_at: float | None,
-    ) -> bool:
-        with self._transaction() as cur:
-            lease = {"id": execution_id, "token": token}
-            job = cur.execute(Q["lock_job_of_lease"], lease).fetchone()
-            if job is None:
-                return False
-            # A failure in a cancelled job is final: it is not retried.
-            if retry_at is None:
-                state = State.DEAD
-            else:
-                state = State.CANCELLED if job["cancelled"] else State.RETRY_WAIT
-            args: dict[str, Any] = {
-                **lease,
-                "state": state.value,
-                "due_at": None if state.final else retry_at,
-                "finished_at": now if state.final else None,
-                "error": Jsonb(error),
-                "now": now,
-            }
-            return self._finish_attempt(cur, "fail", args, started_at, error=Jsonb(error))
-
-    def release(self, execution_id: int, token: str, now: float) -> bool:
-        with self._transaction() as cur:
-            lease = {"id": execution_id, "token": token}
-            job = cur.execute(Q["lock_job_of_lease"], lease).fetchone()
-            if job is None:
-                return False
-            args = {**lease, "cancelled": bool(job["cancelled"]), "now": now}
-            return bool(cur.execute(Q["release"], args).rowcount)
-
-    def reap_expired(self, now: float, max_backoff_s: float = 0.0) -> int:
-        args: dict[str, Any] = {
-            "now": now,
-            "due_at": now + max_backoff_s,
-            "error": Jsonb(common.LEASE_EXPIRED_ERROR),
-        }
-        with self._transaction() as cur:
-            args["job_ids"] = sorted(r["job_id"] for r in cur.execute(Q["expired_jobs"], args))
-            if not args["job_ids"]:
-                return 0
-            jobs = cur.execute(Q["lock_jobs"], args).fetchall()
-            args["cancelled"] = [r["id"] for r in jobs if r["cancelled"]]
-            reaped = cur.execute(Q["reap"], args).rowcount
-        if reaped:
-            logger.warning("reaped %d expired leases", reaped)
-        return reaped
+    def _expired_leases(self, cur: Cursor, now: float) -> list[records.Row]:
+        """Jobs first (FOR SHARE, in id order: cancel_job's lock order), then the expired
+        executions FOR UPDATE SKIP LOCKED: one a finishing worker holds is left to it."""
+        args: dict[str, Any] = {"now": now}
+        args["job_ids"] = sorted(r["job_id"] for r in cur.execute(Q["expired_jobs"], args))
+        if not args["job_ids"]:
+            return []
+        cancelled = {r["id"] for r in cur.execute(Q["lock_jobs"], args) if r["cancelled"]}
+        return [
+            {**r, "cancelled": r["job_id"] in cancelled}
+            for r in cur.execute(Q["expired_leases"], args)
+        ]
 
     # -- regions --------------------------------------------------------------
-    def _queue_regions(self, cur: Cursor, names: list[str]) -> list[common.Row]:
+    def _queue_regions(self, cur: Cursor, names: list[str]) -> list[records.Row]:
         rows = {r["name"]: r for r in cur.execute(Q["queue_regions"], {"regions": names})}
         return [rows[name] for name in names]

@@ -6,20 +6,24 @@ a psycopg ``Cursor``) that returns dict-like rows. Wherever the two differ only
 in the text of a query, in how a JSON value is read and written, and in how a
 transaction is opened, the operation lives here, on top of these hooks:
 
-- ``queries``: the store's named queries (``common.load_queries``);
+- ``queries``: the store's named queries (``sql_files.load_queries``);
 - ``_loads`` / ``_dumps``: a JSON column's value as Python / a JSON parameter;
 - ``_transaction(write)``: one transaction, yielding the handle. ``write`` says it
   will write: SQLite takes the write lock up front (``BEGIN IMMEDIATE``),
   PostgreSQL ignores it (row locks do that job);
-- ``_insert_job``, ``_insert_executions``, ``_own_retries``, ``_queue_regions``:
-  the steps of create_job, claim (step 2) and queue_stats whose SQL differs in
-  shape, not only in dialect.
+- ``_list``: a list parameter (a JSON array on SQLite, an array on PostgreSQL);
+- ``_insert_job``, ``_insert_executions``, ``_own_retries``, ``_queue_regions``,
+  ``_expired_leases``: the steps of create_job, claim (step 2), queue_stats and
+  reap whose SQL differs in shape, not only in dialect.
 
-The claim order (``_pick``) is written here once too. What each store keeps is
-where the two really differ: claim itself (a region advisory lock and batch
-lease against ``BEGIN IMMEDIATE`` and a lease per row), heartbeat, fail, release
-and reap (PostgreSQL locks the job row before the execution), migrations and
-connection handling.
+Every decision is ``rules.py``'s: the claim order (``rules.pick`` over this store's
+``ClaimQueues``), what a failed, released or reaped lease becomes. fail, release and
+reap read what the rule needs (the job's cancel flag, the queue a lease came from)
+with the named query ``lease_of`` - which on PostgreSQL locks the job row FOR SHARE
+before the execution, the lock order cancel_job uses - then write the rule's
+answer. What each store keeps is where the two really differ: claim itself (a region
+advisory lock and batch lease against ``BEGIN IMMEDIATE`` and a lease per row),
+heartbeat (one statement against a loop), migrations and connection handling.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from executor_service.dispatcher.store import common
+from executor_service.dispatcher import rules
+from executor_service.dispatcher.rules import ClaimRequest
+from executor_service.dispatcher.store import records
 from executor_service.dispatcher.store.base import (
     Attempt,
     Execution,
@@ -89,18 +95,29 @@ class SQLStore(Store, Generic[DB]):
         handle, and the one place driver errors become StoreError. ``write``: the
         transaction writes, so a store that locks the database takes its lock first."""
 
+    @staticmethod
     @abstractmethod
-    def _insert_job(self, db: DB, job: NewJob, args: dict[str, Any]) -> tuple[common.Row, bool]:
+    def _list(values: Sequence[Any]) -> Any:
+        """A list as a query parameter (``IN``/``ANY`` of a claim's models, taken ids)."""
+
+    @abstractmethod
+    def _expired_leases(self, db: DB, now: float) -> list[records.Row]:
+        """Reap's rows: every lease expired by ``now`` with id, attempts, max_attempts,
+        executed_region, leased_at and its job's ``cancelled``, locked for the update
+        (PostgreSQL: jobs first, then the executions, skipping rows another holds)."""
+
+    @abstractmethod
+    def _insert_job(self, db: DB, job: NewJob, args: dict[str, Any]) -> tuple[records.Row, bool]:
         """Insert the jobs row (``args`` are the insert_job parameters) and return it
         with True, or, if the tenant already used ``job.idempotency_key``, return that
         job's row with False instead."""
 
     @abstractmethod
     def _insert_executions(self, db: DB, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Insert new executions, rows in ``common.NEW_EXECUTION_COLUMNS`` order."""
+        """Insert new executions, rows in ``records.NEW_EXECUTION_COLUMNS`` order."""
 
     @abstractmethod
-    def _queue_regions(self, db: DB, names: list[str]) -> list[common.Row]:
+    def _queue_regions(self, db: DB, names: list[str]) -> list[records.Row]:
         """The queue_region counts and circuit of each region, in ``names`` order."""
 
     @abstractmethod
@@ -118,13 +135,13 @@ class SQLStore(Store, Generic[DB]):
     def create_job(self, job: NewJob, now: float) -> tuple[Job, bool]:
         args = {
             **vars(job),
-            "id": common.new_job_id(),
+            "id": records.new_job_id(),
             "failover": job.failover.value,
             "questions": self._dumps(job.questions),
             "models": self._dumps(job.models),
             "regions_by_model": self._dumps(job.regions_by_model),
             "params": self._dumps(job.params),
-            "total": common.count_executions(job),
+            "total": records.count_executions(job),
             "now": now,
         }
         with self._transaction(write=True) as db:
@@ -134,15 +151,15 @@ class SQLStore(Store, Generic[DB]):
                     raise IdempotencyConflict(
                         f"idempotency key {job.idempotency_key!r} was used for another request"
                     )
-                return common.job_from_row(row, self._loads), False
-            self._insert_executions(db, common.execution_rows(job, row["id"], now))
+                return records.job_from_row(row, self._loads), False
+            self._insert_executions(db, records.execution_rows(job, row["id"], now))
         self._logger.info("job created", extra={"job_id": row["id"], "tenant": job.tenant})
-        return common.job_from_row(row, self._loads), True
+        return records.job_from_row(row, self._loads), True
 
     def get_job(self, tenant: str, job_id: str) -> Job | None:
         with self._transaction() as db:
             row = db.execute(self.queries["get_job"], {"id": job_id, "tenant": tenant}).fetchone()
-        return None if row is None else common.job_from_row(row, self._loads)
+        return None if row is None else records.job_from_row(row, self._loads)
 
     def job_counts(self, job_id: str) -> dict[str, dict[str, int]]:
         with self._transaction() as db:
@@ -159,9 +176,9 @@ class SQLStore(Store, Generic[DB]):
             if with_attempts:
                 for a in db.execute(self.queries["list_attempts"], {"job_id": job_id}):
                     attempts.setdefault(a["execution_id"], []).append(
-                        common.attempt_from_row(a, self._loads)
+                        records.attempt_from_row(a, self._loads)
                     )
-        return [common.execution_from_row(r, self._loads, attempts.get(r["id"], [])) for r in rows]
+        return [records.execution_from_row(r, self._loads, attempts.get(r["id"], [])) for r in rows]
 
     def cancel_job(self, tenant: str, job_id: str, now: float) -> int:
         args = {"job_id": job_id, "tenant": tenant, "now": now}
@@ -179,35 +196,20 @@ class SQLStore(Store, Generic[DB]):
         return row is None
 
     # -- scheduling -----------------------------------------------------------
-    def _pick(
-        self, db: DB, args: dict[str, Any], free: int, tenant_batch: int
-    ) -> list[tuple[int, str]]:
-        """Claim steps 1-3 (see Store.claim): the ids to lease, with the queue each
-        came from, in claim order. Run by each store's claim inside its transaction,
-        after it has made the region's lease count its own; on PostgreSQL every
-        query here locks the rows it returns (FOR UPDATE SKIP LOCKED)."""
-        picked: list[tuple[int, str]] = [
-            (r["id"], common.SOURCE_GLOBAL_RETRY)
-            for r in db.execute(self.queries["global_retries"], {**args, "n": free})
-        ]
-        if len(picked) < free:
-            own = self._own_retries(db, args, [i for i, _ in picked], free - len(picked))
-            picked += [(i, common.SOURCE_OWN_RETRY) for i in own]
-        if len(picked) < free:
-            tenants = [r["tenant"] for r in db.execute(self.queries["queued_tenants"], args)]
-            in_flight = {
-                r["tenant"]: r["n"] for r in db.execute(self.queries["leased_by_tenant"], args)
-            }
+    def _claim_args(self, request: ClaimRequest) -> dict[str, Any]:
+        """The named parameters every claim query takes."""
+        return {
+            "region": request.region.name,
+            "models": self._list(sorted(request.region.models)),
+            "now": request.now,
+            "expires": request.expires,
+            "worker": request.worker,
+            "handoff_due": request.handoff_due,
+        }
 
-            def fetch(tenant: str, n: int) -> list[int]:
-                query_args = {**args, "tenant": tenant, "n": n}
-                return [r["id"] for r in db.execute(self.queries["tenant_new_work"], query_args)]
-
-            new = common.round_robin(
-                common.order_tenants(tenants, in_flight), fetch, tenant_batch, free - len(picked)
-            )
-            picked += [(i, common.SOURCE_NEW) for i in new]
-        return picked
+    def _queues(self, db: DB, args: dict[str, Any]) -> rules.ClaimQueues:
+        """The claim's candidate queries (rules.ClaimQueues) inside transaction ``db``."""
+        return _SQLQueues(self, db, args)
 
     def complete(
         self, execution_id: int, token: str, result: dict[str, Any], now: float, started_at: float
@@ -215,7 +217,7 @@ class SQLStore(Store, Generic[DB]):
         args = {
             "id": execution_id,
             "token": token,
-            "output": common.output_of(result),
+            "output": records.output_of(result),
             "result": self._dumps(result),
             "now": now,
         }
@@ -243,6 +245,66 @@ class SQLStore(Store, Generic[DB]):
         db.execute(self.queries["insert_attempt"], attempt)
         return True
 
+    def fail(
+        self,
+        execution_id: int,
+        token: str,
+        error: dict[str, Any],
+        now: float,
+        started_at: float,
+        retry_at: float | None,
+    ) -> bool:
+        lease = {"id": execution_id, "token": token}
+        with self._transaction(write=True) as db:
+            row = db.execute(self.queries["lease_of"], lease).fetchone()
+            if row is None:
+                return False
+            to = rules.after_failure(retry_at, bool(row["cancelled"]), now)
+            args = {**lease, **self._transition(to), "error": self._dumps(error), "now": now}
+            return self._finish_attempt(db, "fail", args, started_at, error=self._dumps(error))
+
+    def release(self, execution_id: int, token: str, now: float) -> bool:
+        lease = {"id": execution_id, "token": token}
+        with self._transaction(write=True) as db:
+            row = db.execute(self.queries["lease_of"], lease).fetchone()
+            if row is None:
+                return False
+            to = rules.after_release(
+                row["claimed_from"], bool(row["cancelled"]), row["last_region"], now
+            )
+            args = {**lease, **self._transition(to), "executed_region": to.executed_region}
+            return bool(db.execute(self.queries["release"], args).rowcount)
+
+    def reap_expired(self, now: float, max_backoff_s: float = 0.0) -> int:
+        error = self._dumps(rules.LEASE_EXPIRED_ERROR)
+        with self._transaction(write=True) as db:
+            expired = self._expired_leases(db, now)
+            for row in expired:
+                to = rules.after_lease_expired(
+                    row["attempts"], row["max_attempts"], bool(row["cancelled"]), now,
+                    now + max_backoff_s,
+                )
+                args = {"id": row["id"], **self._transition(to), "error": error, "now": now}
+                db.execute(self.queries["reap_one"], args)
+                attempt = {
+                    "id": row["id"],
+                    "number": row["attempts"],
+                    "region": row["executed_region"],
+                    "started_at": row["leased_at"],
+                    "now": now,
+                    "ok": False,
+                    "error": error,
+                }
+                db.execute(self.queries["insert_attempt"], attempt)
+        if expired:
+            self._logger.warning("reaped %d expired leases", len(expired))
+        return len(expired)
+
+    @staticmethod
+    def _transition(to: rules.Transition) -> dict[str, Any]:
+        """A rule's answer as the named parameters of fail, release and reap_one."""
+        return {"state": to.state.value, "due_at": to.due_at, "finished_at": to.finished_at}
+
     def divert_queued(self, region: str, now: float) -> int:
         with self._transaction(write=True) as db:
             args = {"region": region, "now": now}
@@ -253,7 +315,7 @@ class SQLStore(Store, Generic[DB]):
 
     # -- regions --------------------------------------------------------------
     def set_circuit(self, region: str, state: str, open_until: float | None) -> None:
-        common.check_circuit_state(state)
+        records.check_circuit_state(state)
         with self._transaction(write=True) as db:
             args = {"region": region, "state": state, "open_until": open_until}
             db.execute(self.queries["set_circuit"], args)
@@ -275,3 +337,29 @@ class SQLStore(Store, Generic[DB]):
             for name, row in zip(names, rows, strict=True)
         ]
         return QueueStats(global_retry=totals["global_retry"], regions=queues, dead=totals["dead"])
+
+
+class _SQLQueues(Generic[DB]):
+    """rules.ClaimQueues on a SQL store's named queries, inside one claim's transaction."""
+
+    def __init__(self, store: SQLStore[DB], db: DB, args: dict[str, Any]) -> None:
+        self.store, self.db, self.args = store, db, args
+
+    def _ids(self, name: str, **extra: Any) -> list[int]:
+        return [r["id"] for r in self.db.execute(self.store.queries[name], {**self.args, **extra})]
+
+    def global_retries(self, n: int) -> list[int]:
+        return self._ids("global_retries", n=n)
+
+    def own_retries(self, taken: list[int], n: int) -> list[int]:
+        return self.store._own_retries(self.db, self.args, taken, n)
+
+    def queued_tenants(self) -> list[str]:
+        return [r["tenant"] for r in self.db.execute(self.store.queries["queued_tenants"], self.args)]
+
+    def leased_by_tenant(self) -> dict[str, int]:
+        rows = self.db.execute(self.store.queries["leased_by_tenant"], self.args)
+        return {r["tenant"]: r["n"] for r in rows}
+
+    def tenant_new_work(self, tenant: str, n: int) -> list[int]:
+        return self._ids("tenant_new_work", tenant=tenant, n=n)

@@ -25,19 +25,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from executor_service.dispatcher.store import common
-from executor_service.dispatcher.store.base import (
-    DEFAULT_RETRY_HANDOFF_S,
-    Claim,
-    NewJob,
-    RegionSpec,
-    StoreError,
-)
+from executor_service.dispatcher import rules
+from executor_service.dispatcher.rules import ClaimRequest
+from executor_service.dispatcher.store import records
+from executor_service.dispatcher.store.base import Claim, NewJob, StoreError
+from executor_service.dispatcher.store.sql_files import load_migrations, load_queries
 from executor_service.dispatcher.store.sql_store import SQLStore
 
 logger = logging.getLogger(__name__)
 
-Q = common.load_queries("sqlite")
+Q = load_queries("sqlite")
 
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
@@ -106,6 +103,10 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
         return None if value is None else json.loads(value)
 
     @staticmethod
+    def _list(values: Sequence[Any]) -> str:
+        return _json_list(values)
+
+    @staticmethod
     def _dumps(value: Any) -> str | None:
         """JSON parameters are compact TEXT."""
         return None if value is None else json.dumps(value, separators=(",", ":"))
@@ -134,7 +135,7 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
                 " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
             )
             applied = {r["version"] for r in db.execute("SELECT version FROM schema_migrations")}
-            for migration in common.load_migrations("sqlite"):
+            for migration in load_migrations("sqlite"):
                 if migration.version in applied:
                     continue
                 logger.info("applying migration %04d_%s", migration.version, migration.name)
@@ -152,7 +153,7 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
     # -- jobs -----------------------------------------------------------------
     def _insert_job(
         self, db: sqlite3.Connection, job: NewJob, args: dict[str, Any]
-    ) -> tuple[common.Row, bool]:
+    ) -> tuple[records.Row, bool]:
         """Look the idempotency key up first: under BEGIN IMMEDIATE nobody can insert
         it between the look-up and the insert."""
         if job.idempotency_key is not None:
@@ -162,58 +163,39 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
         return db.execute(Q["insert_job"], args).fetchone(), True
 
     def _insert_executions(self, db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
-        columns = common.NEW_EXECUTION_COLUMNS
+        columns = records.NEW_EXECUTION_COLUMNS
         db.executemany(
             f"INSERT INTO executions ({', '.join(columns)}) VALUES ({_marks(columns)})", rows
         )
 
     # -- scheduling -----------------------------------------------------------
-    def claim(
-        self,
-        region: RegionSpec,
-        limit: int,
-        now: float,
-        lease_s: float,
-        worker: str,
-        tenant_batch: int,
-        retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S,
-    ) -> list[Claim]:
-        if limit <= 0 or not region.models:
+    def claim(self, request: ClaimRequest) -> list[Claim]:
+        if request.empty:
             return []
-        args: dict[str, Any] = {
-            "region": region.name,
-            "models": _json_list(sorted(region.models)),
-            "now": now,
-            "expires": now + lease_s,
-            "worker": worker,
-            # a failover-any retry that failed here is ours again once due by then
-            "handoff_due": now - max(0.0, retry_handoff_s),
-        }
+        args = self._claim_args(request)
         with self._transaction(write=True) as db:
             leased = db.execute(Q["count_leased"], args).fetchone()["n"]
-            free = min(limit, region.concurrency - leased)
+            free = min(request.limit, request.region.concurrency - leased)
             if free <= 0:
                 return []
             leased_rows = []
-            for execution_id, source in self._pick(db, args, free, tenant_batch):
-                token = common.new_token()
-                row = db.execute(
-                    Q["lease"], {**args, "id": execution_id, "token": token, "source": source}
-                ).fetchone()
-                leased_rows.append((row, token, source))
+            for execution_id, source in rules.pick(self._queues(db, args), free, request.tenant_batch):
+                token = records.new_token()
+                lease = {**args, "id": execution_id, "token": token, "source": source.value}
+                leased_rows.append((db.execute(Q["lease"], lease).fetchone(), token, source))
             job_ids = _json_list(sorted({row["job_id"] for row, _, _ in leased_rows}))
             params = {
                 r["id"]: self._loads(r["params"])
                 for r in db.execute(Q["job_params"], {"job_ids": job_ids})
             }
         return [
-            common.claim_from_row(
+            records.claim_from_row(
                 row,
                 token=token,
-                source=source,
-                region=region.name,
+                source=source.value,
+                region=request.region.name,
                 params=params[row["job_id"]],
-                lease_expires_at=args["expires"],
+                lease_expires_at=request.expires,
             )
             for row, token, source in leased_rows
         ]
@@ -235,44 +217,10 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
                     held.add(execution_id)
         return held
 
-    def fail(
-        self,
-        execution_id: int,
-        token: str,
-        error: dict[str, Any],
-        now: float,
-        started_at: float,
-        retry_at: float | None,
-    ) -> bool:
-        error_json = self._dumps(error)
-        args = {
-            "id": execution_id,
-            "token": token,
-            "error": error_json,
-            "now": now,
-            "retry_at": retry_at,
-        }
-        with self._transaction(write=True) as db:
-            return self._finish_attempt(db, "fail", args, started_at, error=error_json)
-
-    def release(self, execution_id: int, token: str, now: float) -> bool:
-        with self._transaction(write=True) as db:
-            args = {"id": execution_id, "token": token, "now": now}
-            return bool(db.execute(Q["release"], args).rowcount)
-
-    def reap_expired(self, now: float, max_backoff_s: float = 0.0) -> int:
-        args = {
-            "now": now,
-            "due_at": now + max_backoff_s,
-            "error": self._dumps(common.LEASE_EXPIRED_ERROR),
-        }
-        with self._transaction(write=True) as db:
-            db.execute(Q["reap_attempts"], args)
-            reaped = db.execute(Q["reap"], args).rowcount
-        if reaped:
-            logger.warning("reaped %d expired leases", reaped)
-        return reaped
+    def _expired_leases(self, db: sqlite3.Connection, now: float) -> list[records.Row]:
+        """Under BEGIN IMMEDIATE nothing else writes: a plain read is the lock."""
+        return db.execute(Q["expired_leases"], {"now": now}).fetchall()
 
     # -- regions --------------------------------------------------------------
-    def _queue_regions(self, db: sqlite3.Connection, names: list[str]) -> list[common.Row]:
+    def _queue_regions(self, db: sqlite3.Connection, names: list[str]) -> list[records.Row]:
         return [db.execute(Q["queue_region"], {"region": name}).fetchone() for name in names]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+
+from ...exceptions import ExecutorServiceError
 from typing import Any
 
 
@@ -37,11 +39,11 @@ class Completion:
     completion_tokens: int
 
 
-class ProviderTimeout(Exception):
+class ProviderTimeout(ExecutorServiceError):
     """The provider did not answer before the call's deadline."""
 
 
-class ProviderFailure(Exception):
+class ProviderFailure(ExecutorServiceError):
     """The provider answered with an error (HTTP status when there is one)."""
 
     def __init__(

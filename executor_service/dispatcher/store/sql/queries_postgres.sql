@@ -158,13 +158,16 @@ RETURNING attempts, executed_region;
 INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
 VALUES (%(id)s, %(number)s, %(region)s, %(started_at)s, %(now)s, %(ok)s, %(error)s);
 
--- name: lock_job_of_lease
--- FOR SHARE on the job before the execution: a concurrent cancel_job waits, or is waited for.
-SELECT j.cancelled FROM executions e JOIN jobs j ON j.id = e.job_id
+-- name: lease_of
+-- What fail and release decide on (rules.py): the job's cancel flag, where the lease came
+-- from. FOR SHARE on the job before the execution: a concurrent cancel_job waits, or is
+-- waited for.
+SELECT j.cancelled, e.claimed_from, e.last_region FROM executions e JOIN jobs j ON j.id = e.job_id
 WHERE e.id = %(id)s AND e.lease_token = %(token)s AND e.state = 'leased'
 FOR SHARE OF j;
 
 -- name: fail
+-- state, due_at and finished_at are rules.after_failure's answer.
 UPDATE executions
 SET state = %(state)s, due_at = %(due_at)s, failed_at = %(now)s, last_region = executed_region,
     last_error = %(error)s, lease_expires_at = NULL, finished_at = %(finished_at)s
@@ -172,13 +175,10 @@ WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased'
 RETURNING attempts, executed_region;
 
 -- name: release
--- Back to the queue it was claimed from, as if never claimed: the attempt is given back.
+-- Back to the queue it was claimed from (rules.after_release): the attempt is given back.
 UPDATE executions
-SET state = CASE WHEN %(cancelled)s THEN 'cancelled'
-                 WHEN claimed_from = 'new' THEN 'queued' ELSE 'retry_wait' END,
-    finished_at = CASE WHEN %(cancelled)s THEN %(now)s END,
-    due_at = CASE WHEN claimed_from = 'new' THEN NULL ELSE %(now)s END,
-    executed_region = CASE WHEN claimed_from = 'new' THEN NULL ELSE last_region END,
+SET state = %(state)s, finished_at = %(finished_at)s, due_at = %(due_at)s,
+    executed_region = %(executed_region)s,
     attempts = attempts - 1, lease_token = NULL, lease_expires_at = NULL,
     leased_by = NULL, leased_at = NULL, claimed_from = NULL
 WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased';
@@ -190,26 +190,20 @@ SELECT DISTINCT job_id FROM executions WHERE state = 'leased' AND lease_expires_
 -- Jobs before executions, in a stable order: the lock order cancel_job uses.
 SELECT id, cancelled FROM jobs WHERE id = ANY(%(job_ids)s::text[]) ORDER BY id FOR SHARE;
 
--- name: reap
-WITH expired AS (
-    SELECT id, job_id = ANY(%(cancelled)s::text[]) AS cancelled,
-           job_id = ANY(%(cancelled)s::text[]) OR attempts >= max_attempts AS final
-    FROM executions
-    WHERE state = 'leased' AND lease_expires_at < %(now)s AND job_id = ANY(%(job_ids)s::text[])
-    FOR UPDATE SKIP LOCKED
-), reaped AS (
-    UPDATE executions e
-    SET state = CASE WHEN x.cancelled THEN 'cancelled'
-                     WHEN x.final THEN 'dead' ELSE 'retry_wait' END,
-        finished_at = CASE WHEN x.final THEN %(now)s END,
-        due_at = CASE WHEN x.final THEN NULL ELSE %(due_at)s END,
-        failed_at = %(now)s, last_region = e.executed_region, last_error = %(error)s,
-        lease_expires_at = NULL
-    FROM expired x WHERE e.id = x.id
-    RETURNING e.id, e.attempts, e.executed_region, e.leased_at
-)
-INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
-SELECT id, attempts, executed_region, leased_at, %(now)s, false, %(error)s FROM reaped;
+-- name: expired_leases
+-- After lock_jobs. SKIP LOCKED: a lease its worker is finishing right now is left to it.
+SELECT id, job_id, attempts, max_attempts, executed_region, leased_at FROM executions
+WHERE state = 'leased' AND lease_expires_at < %(now)s AND job_id = ANY(%(job_ids)s::text[])
+ORDER BY id
+FOR UPDATE SKIP LOCKED;
+
+-- name: reap_one
+-- state, due_at and finished_at are rules.after_lease_expired's answer.
+UPDATE executions
+SET state = %(state)s, finished_at = %(finished_at)s, due_at = %(due_at)s,
+    failed_at = %(now)s, last_region = executed_region, last_error = %(error)s,
+    lease_expires_at = NULL
+WHERE id = %(id)s;
 
 -- name: set_circuit
 INSERT INTO regions (name, circuit, open_until) VALUES (%(region)s, %(state)s, %(open_until)s)

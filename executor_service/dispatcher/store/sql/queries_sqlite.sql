@@ -128,50 +128,41 @@ RETURNING attempts, executed_region;
 INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
 VALUES (:id, :number, :region, :started_at, :now, :ok, :error);
 
+-- name: lease_of
+-- What fail and release decide on (rules.py): the job's cancel flag, where the lease came from.
+SELECT j.cancelled, e.claimed_from, e.last_region FROM executions e JOIN jobs j ON j.id = e.job_id
+WHERE e.id = :id AND e.lease_token = :token AND e.state = 'leased';
+
 -- name: fail
--- :retry_at NULL dead-letters; a failure in a cancelled job is final, not retried.
+-- :state, :due_at and :finished_at are rules.after_failure's answer.
 UPDATE executions
-SET state = CASE WHEN :retry_at IS NULL THEN 'dead'
-                 WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN 'cancelled'
-                 ELSE 'retry_wait' END,
-    finished_at = CASE WHEN :retry_at IS NULL
-                         OR (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN :now END,
-    due_at = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN NULL
-                  ELSE :retry_at END,
-    failed_at = :now, last_region = executed_region,
-    last_error = :error, lease_expires_at = NULL
+SET state = :state, due_at = :due_at, failed_at = :now, last_region = executed_region,
+    last_error = :error, lease_expires_at = NULL, finished_at = :finished_at
 WHERE id = :id AND lease_token = :token AND state = 'leased'
 RETURNING attempts, executed_region;
 
 -- name: release
--- Back to the queue it was claimed from, as if never claimed: the attempt is given back.
+-- Back to the queue it was claimed from (rules.after_release): the attempt is given back.
 UPDATE executions
-SET state = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN 'cancelled'
-                 WHEN claimed_from = 'new' THEN 'queued' ELSE 'retry_wait' END,
-    finished_at = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN :now END,
-    due_at = CASE WHEN claimed_from = 'new' THEN NULL ELSE :now END,
-    executed_region = CASE WHEN claimed_from = 'new' THEN NULL ELSE last_region END,
+SET state = :state, finished_at = :finished_at, due_at = :due_at,
+    executed_region = :executed_region,
     attempts = attempts - 1, lease_token = NULL, lease_expires_at = NULL,
     leased_by = NULL, leased_at = NULL, claimed_from = NULL
 WHERE id = :id AND lease_token = :token AND state = 'leased';
 
--- name: reap_attempts
--- Run just before reap, in the same write transaction: both see the same rows.
-INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
-SELECT id, attempts, executed_region, leased_at, :now, 0, :error
-FROM executions WHERE state = 'leased' AND lease_expires_at < :now;
+-- name: expired_leases
+SELECT e.id, e.job_id, e.attempts, e.max_attempts, e.executed_region, e.leased_at, j.cancelled
+FROM executions e JOIN jobs j ON j.id = e.job_id
+WHERE e.state = 'leased' AND e.lease_expires_at < :now
+ORDER BY e.id;
 
--- name: reap
+-- name: reap_one
+-- :state, :due_at and :finished_at are rules.after_lease_expired's answer.
 UPDATE executions
-SET state = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id) THEN 'cancelled'
-                 WHEN attempts >= max_attempts THEN 'dead' ELSE 'retry_wait' END,
-    finished_at = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id)
-                         OR attempts >= max_attempts THEN :now END,
-    due_at = CASE WHEN (SELECT cancelled FROM jobs WHERE jobs.id = executions.job_id)
-                    OR attempts >= max_attempts THEN NULL ELSE :due_at END,
+SET state = :state, finished_at = :finished_at, due_at = :due_at,
     failed_at = :now, last_region = executed_region, last_error = :error,
     lease_expires_at = NULL
-WHERE state = 'leased' AND lease_expires_at < :now;
+WHERE id = :id;
 
 -- name: set_circuit
 INSERT INTO regions (name, circuit, open_until) VALUES (:region, :state, :open_until)

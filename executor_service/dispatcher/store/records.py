@@ -1,21 +1,16 @@
-"""What the SQLite and PostgreSQL stores share: migrations on disk, job expansion,
-the tenant round-robin, and mapping rows to the interface's dataclasses.
-
-Kept apart from both implementations so that the two stay about their SQL
-dialect and locking only, and so the claim order is written once.
+"""Building and mapping the records every store keeps: job ids and lease tokens, a
+job's expansion into executions, and database rows as the dataclasses of ``models.py``.
+Shared by the SQL stores and the memory store, so the three agree on them.
 """
 
 from __future__ import annotations
 
-import logging
 import secrets
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from importlib import resources
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
-from executor_service.dispatcher.store.base import (
+from executor_service.dispatcher.store.models import (
     Attempt,
     Claim,
     Execution,
@@ -25,26 +20,12 @@ from executor_service.dispatcher.store.base import (
     State,
 )
 
-logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 Row = Mapping[str, Any]
 Loads = Callable[[Any], Any]
 
-# Which queue a claim came from; release() uses it to put the execution back.
-SOURCE_GLOBAL_RETRY = "global_retry"
-SOURCE_OWN_RETRY = "own_retry"
-SOURCE_NEW = "new"
-
 CIRCUIT_STATES = frozenset({"closed", "open", "half_open"})
 
-LEASE_EXPIRED_ERROR: dict[str, Any] = {
-    "code": "lease_expired",
-    "message": "the lease expired before its worker reported a result "
-    "(the worker crashed, hung or lost the store)",
-}
-
-# Columns written for each new execution, in this order, by both stores.
+# Columns written for each new execution, in this order, by the SQL stores.
 NEW_EXECUTION_COLUMNS = (
     "job_id",
     "tenant",
@@ -60,54 +41,6 @@ NEW_EXECUTION_COLUMNS = (
     "job_created_at",
     "created_at",
 )
-
-
-@dataclass(frozen=True)
-class Migration:
-    """One versioned SQL file: ``NNNN_name.sql``."""
-
-    version: int
-    name: str
-    sql: str
-
-
-def load_migrations(dialect: str) -> list[Migration]:
-    """The migrations shipped in ``sql/<dialect>/``, in version order."""
-    folder = resources.files("executor_service.dispatcher.store").joinpath("sql", dialect)
-    found: list[Migration] = []
-    for entry in folder.iterdir():
-        if not entry.name.endswith(".sql"):
-            continue
-        prefix, _, rest = entry.name.partition("_")
-        if not prefix.isdigit():
-            raise ValueError(f"migration file {entry.name!r} must start with a version number")
-        found.append(Migration(int(prefix), rest.removesuffix(".sql"), entry.read_text("utf-8")))
-    found.sort(key=lambda m: m.version)
-    versions = [m.version for m in found]
-    if len(set(versions)) != len(versions):
-        raise ValueError(f"duplicate migration versions in sql/{dialect}: {versions}")
-    return found
-
-
-def load_queries(dialect: str) -> dict[str, str]:
-    """The named queries of ``sql/queries_<dialect>.sql``: blocks that each start
-    with a ``-- name: <name>`` line, as procrastinate keeps its SQL."""
-    text = (
-        resources.files("executor_service.dispatcher.store")
-        .joinpath("sql", f"queries_{dialect}.sql")
-        .read_text("utf-8")
-    )
-    queries: dict[str, str] = {}
-    name: str | None = None
-    lines: list[str] = []
-    for line in [*text.splitlines(), "-- name: <end>"]:
-        if line.startswith("-- name:"):
-            if name is not None:
-                queries[name] = "\n".join(lines).strip().removesuffix(";")
-            name, lines = line.removeprefix("-- name:").strip(), []
-        elif name is not None:
-            lines.append(line)
-    return queries
 
 
 def new_job_id() -> str:
@@ -154,34 +87,6 @@ def count_executions(job: NewJob) -> int:
     """How many executions the job expands into."""
     per_question = sum(len(job.regions_by_model.get(model, [])) for model in job.models)
     return per_question * len(job.questions)
-
-
-def order_tenants(tenants: Sequence[str], leased: Mapping[str, int]) -> list[str]:
-    """Tenants with fewer executions leased in the region first, then by name,
-    so a tenant with a big backlog cannot starve a newcomer."""
-    return sorted(tenants, key=lambda t: (leased.get(t, 0), t))
-
-
-def round_robin(
-    tenants: Sequence[str], fetch: Callable[[str, int], list[T]], per_tenant: int, limit: int
-) -> list[T]:
-    """Interleave each tenant's next items (tenant1 #1, tenant2 #1, ..., tenant1 #2, ...)
-    and return the first ``limit``. ``fetch(tenant, n)`` returns up to n of the
-    tenant's items in its own order. Stops asking tenants once the first round
-    alone fills ``limit``: later tenants could not make the cut."""
-    if limit <= 0 or per_tenant <= 0:
-        return []
-    batches: list[list[T]] = []
-    for tenant in tenants:
-        if len(batches) >= limit:
-            break
-        batch = fetch(tenant, min(per_tenant, limit))
-        if batch:
-            batches.append(batch)
-    out: list[T] = []
-    for rank in range(max((len(b) for b in batches), default=0)):
-        out.extend(b[rank] for b in batches if rank < len(b))
-    return out[:limit]
 
 
 def job_from_row(row: Row, loads: Loads) -> Job:
@@ -238,12 +143,6 @@ def execution_from_row(row: Row, loads: Loads, attempt_log: list[Attempt]) -> Ex
     )
 
 
-def check_circuit_state(state: str) -> None:
-    """Reject a circuit state the rest of the system would not understand."""
-    if state not in CIRCUIT_STATES:
-        raise ValueError(f"circuit state must be one of {sorted(CIRCUIT_STATES)}, not {state!r}")
-
-
 def claim_from_row(
     row: Row,
     *,
@@ -277,3 +176,9 @@ def output_of(result: Mapping[str, Any]) -> str | None:
     """The answer text of an executor's 200 body (None if it has none)."""
     output = result.get("output")
     return None if output is None else str(output)
+
+
+def check_circuit_state(state: str) -> None:
+    """Reject a circuit state the rest of the system would not understand."""
+    if state not in CIRCUIT_STATES:
+        raise ValueError(f"circuit state must be one of {sorted(CIRCUIT_STATES)}, not {state!r}")

@@ -1,0 +1,61 @@
+"""What every role's Flask app shares (``base_app``): config, JSON errors, auth, logs,
+Sentry, ``/health``, ``/metrics`` and the OpenAPI document. Each role builds its app on
+it: ``executor/app.py`` (create_app) and ``dispatcher/api.py`` (create_dispatcher_app).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, g, jsonify
+from flask_smorest import Api
+
+from . import __version__, auth, errors, observability
+from .config import CommonSettings
+
+
+def base_app(
+    name: str, settings: CommonSettings, test_config: Mapping[str, Any] | None, title: str
+) -> tuple[Flask, Api]:
+    """The parts every role shares: config, JSON errors, auth, logs, Sentry, /health, /metrics
+    and the OpenAPI document (``/openapi.json``, docs page at ``/docs``)."""
+    app = Flask(name)
+    app.config.update(
+        SETTINGS=settings,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        API_TITLE=title,
+        API_VERSION=__version__,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        API_SPEC_OPTIONS={
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"bearer": []}],
+        },
+    )
+    if test_config:
+        app.config.update(test_config)
+    api = Api(app)
+    errors.register_error_handlers(app)  # after Api, which installs its own
+
+    @app.before_request
+    def _start_clock() -> None:
+        g.started = time.monotonic()
+
+    auth.init_app(app, auth.KeyRing.from_settings(settings))
+    observability.init_app(app, settings)
+
+    @app.get("/health")
+    def health() -> Response:
+        """Liveness: the process answers. No auth, no dependencies."""
+        return jsonify({"status": "ok"})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return observability.metrics_response()
+
+    return app, api

@@ -1,0 +1,103 @@
+"""The dispatcher's settings (``ES_*``): the store, the regions, leases, retries, circuits
+and job limits (DispatcherSettings, for ``dispatcher api`` and ``dispatcher worker``), and
+where the CLI finds the API (ClientSettings, for submit/status/results)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import (
+    CommonSettings,
+    ConfigError,
+    EnvSettings,
+    _choice,
+    _non_negative_float,
+    _optional_path,
+    _positive_float,
+    _positive_int,
+)
+
+
+@dataclass(frozen=True)
+class DispatcherSettings(CommonSettings):
+    """The dispatcher's settings (API and region workers read the same ones)."""
+
+    # Dispatcher: the store and the regions it fans out to.
+    database_url: str = field(
+        default="sqlite:///executor-service.db", metadata={"env": "ES_DATABASE_URL"}
+    )
+    regions_file: Path | None = field(
+        default=None, metadata={"env": "ES_REGIONS_FILE", "parse": _optional_path}
+    )
+    # Job size limits (questions x models x regions executions at most).
+    max_job_executions: int = field(
+        default=100_000, metadata={"env": "ES_MAX_JOB_EXECUTIONS", "parse": _positive_int}
+    )
+    # Fairness: at most this many executions per tenant per claim cycle.
+    tenant_batch: int = field(
+        default=20, metadata={"env": "ES_TENANT_BATCH", "parse": _positive_int}
+    )
+    lease_s: float = field(default=30.0, metadata={"env": "ES_LEASE_S", "parse": _positive_float})
+    # Dispatcher runtime. Job size: questions per job (each question runs once per
+    # model and region, so this bounds the request body and the results page).
+    max_job_questions: int = field(
+        default=10_000, metadata={"env": "ES_MAX_JOB_QUESTIONS", "parse": _positive_int}
+    )
+    # Retry backoff: base * 2**(attempt-1), capped, with jitter (full spreads a
+    # burst of failures the most; equal keeps at least half the delay).
+    backoff_base_s: float = field(
+        default=1.0, metadata={"env": "ES_BACKOFF_BASE_S", "parse": _positive_float}
+    )
+    backoff_max_s: float = field(
+        default=60.0, metadata={"env": "ES_BACKOFF_MAX_S", "parse": _positive_float}
+    )
+    backoff_jitter: str = field(
+        default="full",
+        metadata={"env": "ES_BACKOFF_JITTER", "parse": _choice("full", "equal", "none")},
+    )
+    # Circuit breaker per region: open after this many consecutive failures, stop
+    # claiming for the cool-down, then let one probe call through (half-open).
+    circuit_threshold: int = field(
+        default=5, metadata={"env": "ES_CIRCUIT_THRESHOLD", "parse": _positive_int}
+    )
+    circuit_cooldown_s: float = field(
+        default=30.0, metadata={"env": "ES_CIRCUIT_COOLDOWN_S", "parse": _positive_float}
+    )
+    # A failover-any retry that failed in a region is taken back by that region only
+    # once it has been due this long: other (healthy) regions get it first.
+    retry_handoff_s: float = field(
+        default=0.5, metadata={"env": "ES_RETRY_HANDOFF_S", "parse": _non_negative_float}
+    )
+    # How often an idle region asks the store for work submitted by another
+    # process; local completions and due retries wake it at once. 50 ms keeps a
+    # retry started by another process within backoff + 100 ms (D2) even with a
+    # slow claim; an idle claim is one indexed query, so 20/s per region is cheap.
+    claim_poll_s: float = field(
+        default=0.05, metadata={"env": "ES_CLAIM_POLL_S", "parse": _positive_float}
+    )
+    # On SIGTERM, in-flight calls get this long to finish before their leases
+    # are released for another worker.
+    shutdown_grace_s: float = field(
+        default=30.0, metadata={"env": "ES_SHUTDOWN_GRACE_S", "parse": _positive_float}
+    )
+
+    def check(self, environ: Mapping[str, str]) -> None:
+        super().check(environ)
+        if self.backoff_base_s > self.backoff_max_s:
+            raise ConfigError(
+                f"ES_BACKOFF_BASE_S={self.backoff_base_s:g} is above ES_BACKOFF_MAX_S="
+                f"{self.backoff_max_s:g}: the base delay must be <= the cap"
+            )
+
+
+@dataclass(frozen=True)
+class ClientSettings(EnvSettings):
+    """Where the CLI (submit, status, results) finds the dispatcher API, and its key."""
+
+    # Where the CLI (submit, status, results) finds the dispatcher API, and its key.
+    dispatcher_url: str = field(
+        default="http://127.0.0.1:8100", metadata={"env": "ES_DISPATCHER_URL"}
+    )
+    dispatcher_key: str = field(default="", metadata={"env": "ES_DISPATCHER_KEY"})

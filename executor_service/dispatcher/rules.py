@@ -1,0 +1,210 @@
+"""Every scheduling rule of the dispatcher, in one place, free of I/O.
+
+A reader who asks "when is an execution dead-lettered?", "when is a cancelled job's
+failure final?", "what does a reaped lease become?" or "in which order does a region
+claim?" finds the answer here. The stores (memory, SQLite, PostgreSQL) only *apply*
+these decisions: they read the rows a rule needs, call the rule, and write what it
+returns, so the SQL dialects differ only in locking and syntax.
+
+What lives elsewhere: the backoff delay and the circuit breaker (``scheduler.py``: they
+need a clock and randomness), and *when* a region diverts its queued work (``circuit.py``:
+when its breaker opens and every cool-down after). What a divert moves is here
+(``DIVERTED_FAILOVER``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol, TypeVar
+
+from .config import DispatcherSettings
+from .store.models import Failover, RegionSpec, State
+
+T = TypeVar("T")
+
+# How long a failover-any retry that failed in a region waits, once due, before that
+# same region may take it back (claim step 2): other regions' head start. Defined once,
+# as the default of ES_RETRY_HANDOFF_S.
+DEFAULT_RETRY_HANDOFF_S: float = DispatcherSettings.default("retry_handoff_s")
+
+# The error recorded for an attempt whose lease expired (its worker crashed or hung).
+LEASE_EXPIRED_ERROR: dict[str, Any] = {
+    "code": "lease_expired",
+    "message": "the lease expired before its worker reported a result "
+    "(the worker crashed, hung or lost the store)",
+}
+
+# A region whose circuit is open hands its queued work of this failover policy to the
+# other regions; failover-none work waits for its region. (The SQL of divert_queued
+# spells it as a literal, as every state and policy, so the partial indexes apply.)
+DIVERTED_FAILOVER = Failover.ANY
+
+
+class Source(StrEnum):
+    """Which queue a claim came from; release puts the execution back there."""
+
+    GLOBAL_RETRY = "global_retry"
+    OWN_RETRY = "own_retry"
+    NEW = "new"
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """One claim: lease up to ``limit`` executions for ``region`` at clock time ``now``."""
+
+    region: RegionSpec
+    limit: int
+    now: float
+    lease_s: float
+    worker: str
+    tenant_batch: int
+    retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S
+
+    @property
+    def expires(self) -> float:
+        return self.now + self.lease_s
+
+    @property
+    def handoff_due(self) -> float:
+        """A failover-any retry that failed in this region is its own again once it has
+        been due since this time (``now - retry_handoff_s``)."""
+        return self.now - max(0.0, self.retry_handoff_s)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing can be claimed: no slot asked for, or a region serving no model."""
+        return self.limit <= 0 or not self.region.models
+
+
+# -- the claim order ------------------------------------------------------------------
+
+
+class ClaimQueues(Protocol):
+    """The candidate queries of one claim, answered by a store inside its transaction
+    (each returns execution ids in the order given; on PostgreSQL they lock what they
+    return). The eligibility conditions are each query's WHERE clause:
+
+    - ``global_retries``: retry_wait, due, failover any, model served here, last failed
+      in another region; oldest failure first;
+    - ``own_retries``: retry_wait, due, requested here or (failover any and last failed
+      here), not in ``taken``; a failover-any retry that last failed here only once due
+      since ``handoff_due``; earliest due first;
+    - ``queued_tenants`` / ``leased_by_tenant``: tenants with queued work requested here /
+      executions leased here per tenant;
+    - ``tenant_new_work``: the tenant's queued work requested here for a model served
+      here, by priority (high first), job age, job, question order.
+    """
+
+    def global_retries(self, n: int) -> list[int]: ...
+
+    def own_retries(self, taken: list[int], n: int) -> list[int]: ...
+
+    def queued_tenants(self) -> list[str]: ...
+
+    def leased_by_tenant(self) -> dict[str, int]: ...
+
+    def tenant_new_work(self, tenant: str, n: int) -> list[int]: ...
+
+
+def pick(queues: ClaimQueues, free: int, tenant_batch: int) -> list[tuple[int, Source]]:
+    """The claim order (see Store.claim): the ids to lease for ``free`` slots, each with
+    the queue it came from. 1. the global retry queue; 2. the region's own retries;
+    3. new work, round-robin across tenants (fewest in flight here first)."""
+    picked = [(i, Source.GLOBAL_RETRY) for i in queues.global_retries(free)]
+    if len(picked) < free:
+        own = queues.own_retries([i for i, _ in picked], free - len(picked))
+        picked += [(i, Source.OWN_RETRY) for i in own]
+    if len(picked) < free:
+        tenants = order_tenants(queues.queued_tenants(), queues.leased_by_tenant())
+        new = round_robin(tenants, queues.tenant_new_work, tenant_batch, free - len(picked))
+        picked += [(i, Source.NEW) for i in new]
+    return picked
+
+
+def order_tenants(tenants: Sequence[str], leased: Mapping[str, int]) -> list[str]:
+    """Tenants with fewer executions leased in the region first, then by name,
+    so a tenant with a big backlog cannot starve a newcomer."""
+    return sorted(tenants, key=lambda t: (leased.get(t, 0), t))
+
+
+def round_robin(
+    tenants: Sequence[str], fetch: Callable[[str, int], list[T]], per_tenant: int, limit: int
+) -> list[T]:
+    """Interleave each tenant's next items (tenant1 #1, tenant2 #1, ..., tenant1 #2, ...)
+    and return the first ``limit``. ``fetch(tenant, n)`` returns up to n of the
+    tenant's items in its own order. Stops asking tenants once the first round
+    alone fills ``limit``: later tenants could not make the cut."""
+    if limit <= 0 or per_tenant <= 0:
+        return []
+    batches: list[list[T]] = []
+    for tenant in tenants:
+        if len(batches) >= limit:
+            break
+        batch = fetch(tenant, min(per_tenant, limit))
+        if batch:
+            batches.append(batch)
+    out: list[T] = []
+    for rank in range(max((len(b) for b in batches), default=0)):
+        out.extend(b[rank] for b in batches if rank < len(b))
+    return out[:limit]
+
+
+# -- what a finished, lost or returned lease becomes ----------------------------------
+
+
+def exhausted(attempts: int, max_attempts: int) -> bool:
+    """Dead-letter on max attempts: attempt number ``attempts`` was the last allowed."""
+    return attempts >= max_attempts
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The state an execution moves to, and the times that go with it."""
+
+    state: State
+    due_at: float | None = None  # when a retry_wait is due (None otherwise)
+    finished_at: float | None = None  # set for a final state
+    executed_region: str | None = None  # release only: the region it counts against
+
+
+def after_failure(retry_at: float | None, cancelled: bool, now: float) -> Transition:
+    """A failed attempt, given the scheduler's decision (``retry_at`` None: give up).
+    Cancel finality: a failure in a cancelled job is final, never retried."""
+    if retry_at is None:
+        return Transition(State.DEAD, finished_at=now)
+    if cancelled:
+        return Transition(State.CANCELLED, finished_at=now)
+    return Transition(State.RETRY_WAIT, due_at=retry_at)
+
+
+def after_lease_expired(
+    attempts: int, max_attempts: int, cancelled: bool, now: float, due_at: float
+) -> Transition:
+    """An expired lease (reap): the attempt counts as failed with LEASE_EXPIRED_ERROR.
+    Cancelled job: final; last attempt used: dead; otherwise retried at ``due_at``."""
+    if cancelled:
+        return Transition(State.CANCELLED, finished_at=now)
+    if exhausted(attempts, max_attempts):
+        return Transition(State.DEAD, finished_at=now)
+    return Transition(State.RETRY_WAIT, due_at=due_at)
+
+
+def after_release(
+    claimed_from: str | None, cancelled: bool, last_region: str | None, now: float
+) -> Transition:
+    """A lease given back unused (shutdown): back to the queue it was claimed from, as if
+    never claimed (the store gives the attempt back), or cancelled if its job was."""
+    new = claimed_from == Source.NEW.value
+    executed_region = None if new else last_region
+    if cancelled:
+        return Transition(
+            State.CANCELLED,
+            due_at=None if new else now,
+            finished_at=now,
+            executed_region=executed_region,
+        )
+    if new:
+        return Transition(State.QUEUED)
+    return Transition(State.RETRY_WAIT, due_at=now, executed_region=executed_region)

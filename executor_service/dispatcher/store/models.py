@@ -1,0 +1,144 @@
+"""The records the dispatcher's stores keep and hand out: jobs, executions, their
+attempts, leases (claims), and what a claim or the queue view needs of a region.
+Plain frozen dataclasses, shared by every store and by the rules (``rules.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class State(str, Enum):
+    """Execution states: queued -> leased -> succeeded | retry_wait | dead | cancelled;
+    retry_wait -> leased."""
+
+    QUEUED = "queued"
+    LEASED = "leased"
+    SUCCEEDED = "succeeded"
+    RETRY_WAIT = "retry_wait"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in {State.SUCCEEDED, State.DEAD, State.CANCELLED}
+
+
+class Failover(str, Enum):
+    ANY = "any"  # a failed call may be retried by any region serving the model
+    NONE = "none"  # retried only in the requested region (cross-region comparisons)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated job, ready to be expanded into executions (question x model x region)."""
+
+    tenant: str
+    questions: list[str]
+    models: list[str]
+    # model -> the regions it is requested in (already defaulted and validated)
+    regions_by_model: dict[str, list[str]]
+    failover: Failover = Failover.ANY
+    max_attempts: int = 3
+    priority: int = 0
+    idempotency_key: str | None = None
+    # hash of the canonical request body: same key + same hash -> same job
+    request_hash: str = ""
+    params: dict[str, Any] = field(default_factory=dict)  # max_tokens, temperature, seed...
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    tenant: str
+    created_at: float
+    failover: Failover
+    max_attempts: int
+    priority: int
+    questions: list[str]
+    models: list[str]
+    regions_by_model: dict[str, list[str]]
+    params: dict[str, Any]
+    idempotency_key: str | None
+    cancelled: bool
+    total: int  # executions
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    region: str
+    started_at: float
+    finished_at: float | None
+    ok: bool
+    error: dict[str, Any] | None  # {"code", "message", "status"?, "retry_after_s"?}
+
+
+@dataclass(frozen=True)
+class Execution:
+    id: int
+    job_id: str
+    tenant: str
+    question_index: int
+    question: str
+    model: str
+    requested_region: str
+    executed_region: str | None
+    state: State
+    attempts: int
+    due_at: float | None
+    last_error: dict[str, Any] | None
+    output: str | None
+    result: dict[str, Any] | None  # the executor's full 200 body
+    created_at: float
+    finished_at: float | None
+    attempt_log: list[Attempt] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A leased execution: the worker owns it while ``token`` is current."""
+
+    execution_id: int
+    token: str
+    job_id: str
+    tenant: str
+    question_index: int
+    question: str
+    model: str
+    requested_region: str
+    region: str  # where it runs now
+    attempt: int  # 1-based number of this attempt
+    max_attempts: int
+    failover: Failover
+    params: dict[str, Any]
+    lease_expires_at: float
+    source: str  # "global_retry" | "own_retry" | "new": which queue it came from
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """What the store needs of a region to claim for it."""
+
+    name: str
+    concurrency: int
+    models: frozenset[str]
+
+
+@dataclass(frozen=True)
+class RegionQueue:
+    region: str
+    queued: int  # new work requested here
+    retry_wait: int  # this region's own retries waiting
+    in_flight: int  # leased and running here
+    circuit: str  # "closed" | "open" | "half_open"
+    circuit_open_until: float | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    global_retry: int  # retry_wait executions that may fail over
+    regions: list[RegionQueue]
+    dead: int

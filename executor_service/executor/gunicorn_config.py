@@ -1,0 +1,117 @@
+"""Gunicorn settings for the executor (loaded by the top-level gunicorn.conf.py, the
+``executor_service.gunicorn_config`` shim and ``executor-service serve``); every value can
+be overridden from the environment.
+
+    PORT (8000), HOST (0.0.0.0), WEB_CONCURRENCY (workers, 4), GUNICORN_THREADS (2),
+    GUNICORN_WORKER_CLASS (gthread | gevent),
+    GUNICORN_WORKER_CONNECTIONS (gthread: the thread count; gevent: 1000),
+    GUNICORN_TIMEOUT (60), GUNICORN_GRACEFUL_TIMEOUT (30), GUNICORN_KEEPALIVE (5),
+    GUNICORN_MAX_REQUESTS (1000), GUNICORN_MAX_REQUESTS_JITTER (100), GUNICORN_BACKLOG (2048),
+    GUNICORN_ACCESSLOG ("-" = stdout; "" turns it off), GUNICORN_LOGLEVEL (info).
+
+Server settings only: the app reads its own ``ES_*`` settings in create_app().
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Any
+
+
+# Only the light helper: importing the app here would import prometheus_client in the
+# master before PROMETHEUS_MULTIPROC_DIR is set, and every forked worker would inherit it.
+from executor_service.gunicorn_common import GUNICORN_TIMEOUT_DEFAULT
+from executor_service.gunicorn_common import env_int as _int
+
+bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{_int('PORT', 8000)}"]
+workers = _int("WEB_CONCURRENCY", 4)
+threads = _int("GUNICORN_THREADS", 2)
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+if worker_class not in {"gthread", "gevent"}:
+    sys.exit(f"GUNICORN_WORKER_CLASS={worker_class!r}: expected gthread or gevent")
+# gthread: a worker accepts only the connections it can run now, so a busy worker
+# leaves new ones to idle workers instead of queueing them behind its own calls
+# (with the default 1000, one worker took 3 calls while three workers idled).
+# This turns HTTP keep-alive off under gthread; gevent keeps 1000.
+worker_connections = _int(
+    "GUNICORN_WORKER_CONNECTIONS", threads if worker_class == "gthread" else 1000
+)
+timeout = _int("GUNICORN_TIMEOUT", GUNICORN_TIMEOUT_DEFAULT)
+graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
+keepalive = _int("GUNICORN_KEEPALIVE", 5)
+max_requests = _int("GUNICORN_MAX_REQUESTS", 1000)
+max_requests_jitter = _int("GUNICORN_MAX_REQUESTS_JITTER", 100)
+backlog = _int("GUNICORN_BACKLOG", 2048)
+accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-") or None
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms pid=%(p)s request_id=%({x-request-id}o)s'
+# Workers import the app after the fork: each gets its own model instance.
+preload_app = False
+
+# The admission limit per process defaults to what one worker can run at once.
+GEVENT_MAX_IN_FLIGHT = 250
+if not os.environ.get("ES_MAX_IN_FLIGHT", "").strip() or os.environ["ES_MAX_IN_FLIGHT"] == "0":
+    # Under gevent, 250 per worker: the kernel spreads connections unevenly, and with
+    # 100 per worker 4 workers refused some calls at ~350 in flight (target E2: 400).
+    os.environ["ES_MAX_IN_FLIGHT"] = str(
+        threads if worker_class == "gthread" else GEVENT_MAX_IN_FLIGHT
+    )
+
+# Prometheus multiprocess mode: every worker writes its samples to files in
+# this directory and /metrics adds them up. It must be set before a worker
+# imports prometheus_client, hence here, in the master, at config load.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="executor-metrics-")
+_METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def on_starting(server: Any) -> None:
+    """Start from empty metric files and refuse an open, non-loopback bind."""
+    if os.path.isdir(_METRICS_DIR):
+        for name in os.listdir(_METRICS_DIR):
+            os.remove(os.path.join(_METRICS_DIR, name))
+    from executor_service.auth import KeyRing, check_open_bind
+    from executor_service.config import ConfigError
+    from executor_service.executor.config import ExecutorSettings
+
+    try:
+        settings = ExecutorSettings.from_env()
+        check_open_bind(server.cfg.bind, KeyRing.from_settings(settings), settings.allow_open)
+    except ConfigError as exc:
+        server.log.error("configuration error: %s", exc)
+        sys.exit(1)
+
+
+def post_worker_init(worker: Any) -> None:
+    """Load every model now, so a worker is ready before it takes traffic, and mark
+    the worker as draining on SIGTERM so /ready turns 503 while in-flight calls finish."""
+    app = worker.wsgi
+    state = getattr(app, "extensions", {}).get("executor")
+    if state is None:
+        return
+    state.catalog.load_all()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _drain(signum: int, frame: Any) -> None:
+        state.draining = True
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, _drain)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A dead worker's live gauges must stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    if _METRICS_DIR.startswith(tempfile.gettempdir()) and "executor-metrics-" in _METRICS_DIR:
+        shutil.rmtree(_METRICS_DIR, ignore_errors=True)

@@ -1,0 +1,30 @@
+"""The executor's Prometheus metrics (``executor_*``). Under gunicorn every worker writes
+its own files in PROMETHEUS_MULTIPROC_DIR (set by the gunicorn config before any worker
+imports this) and ``/metrics`` adds them up (``observability.metrics_response``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Model calls take from milliseconds (simulated) to a minute (large remote models).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+REQUESTS = Counter(
+    "executor_requests_total", "Requests to /execute by model and HTTP status.", ["model", "status"]
+)
+REQUEST_SECONDS = Histogram(
+    "executor_request_seconds",
+    "Total time of /execute requests.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+MODEL_SECONDS = Histogram(
+    "executor_model_seconds",
+    "Time spent inside the model provider.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+IN_FLIGHT = Gauge("executor_in_flight", "Model calls in flight.", multiprocess_mode="livesum")
+ADMISSION_REJECTIONS = Counter(
+    "executor_admission_rejections_total", "Requests answered 503 because the process was full."
+)
