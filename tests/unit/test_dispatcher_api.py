@@ -1,4 +1,5 @@
-"""The dispatcher API through Flask's test client, on the real SQLite store."""
+"""The dispatcher API through Flask's test client, on the in-memory store (its state
+inspected directly)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import csv
 import io
 import json
 import logging
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from executor_service.config import Settings
+from executor_service.dispatcher.config import DispatcherSettings
 from executor_service.dispatcher.api import create_dispatcher_app
 from executor_service.dispatcher.regions import Regions
-from executor_service.dispatcher.store import open_store
-from executor_service.dispatcher.store.base import Store
+from executor_service.dispatcher.rules import ClaimRequest
+from executor_service.dispatcher.store.memory import MemoryStore
 
 REGIONS_TOML = """
 [regions.us]
@@ -47,17 +47,16 @@ class Env:
     def __init__(self, tmp: Path) -> None:
         regions = tmp / "regions.toml"
         regions.write_text(REGIONS_TOML)
-        self.db = tmp / "api.db"
-        self.settings = Settings.from_env(
+        self.settings = DispatcherSettings.from_env(
             environ={
                 "ES_REGIONS_FILE": str(regions),
-                "ES_DATABASE_URL": f"sqlite:///{self.db}",
+                "ES_DATABASE_URL": "memory://",
                 "ES_API_KEYS": "alice:key-a,bob:key-b",
                 "ES_MAX_JOB_EXECUTIONS": "50",
                 "ES_MAX_BODY_BYTES": "20000",
             }
         )
-        self.store: Store = open_store(self.settings.database_url)
+        self.store = MemoryStore()
         self.regions = Regions.load(regions)
         self.clock = Clock()
         app = create_dispatcher_app(
@@ -66,11 +65,8 @@ class Env:
         self.client: FlaskClient = app.test_client()
 
     def rows(self) -> tuple[int, int]:
-        """(jobs, executions) in the database: what a refused request must not change."""
-        with sqlite3.connect(self.db) as conn:
-            jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()[0]
-            executions = conn.execute("SELECT count(*) FROM executions").fetchone()[0]
-        return jobs, executions
+        """(jobs, executions) in the store: what a refused request must not change."""
+        return len(self.store.jobs), len(self.store.rows)
 
     def submit(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
         return self.client.post("/jobs", json=body, headers={**ALICE, **(headers or {})})
@@ -186,7 +182,7 @@ def test_tenants_see_only_their_own_jobs(env: Env) -> None:
 def _run_some(env: Env) -> None:
     """Play the worker: one execution succeeds, one is dead-lettered, one waits to retry."""
     spec = env.regions["us"].spec()
-    claims = env.store.claim(spec, 2, env.clock.now, 30, "w", 20)
+    claims = env.store.claim(ClaimRequest(spec, 2, env.clock.now, 30, "w", 20))
     body = {
         "output": "answer one",
         "finish_reason": "stop",
@@ -203,7 +199,7 @@ def _run_some(env: Env) -> None:
         claims[1].execution_id, claims[1].token, dead, env.clock.now + 1, env.clock.now, None
     )
     busy = {"code": "overloaded", "message": "busy", "status": 503}
-    claims = env.store.claim(spec, 1, env.clock.now, 30, "w", 20)  # 2 slots: claim again
+    claims = env.store.claim(ClaimRequest(spec, 1, env.clock.now, 30, "w", 20))  # 2 slots: claim again
     env.store.fail(
         claims[0].execution_id,
         claims[0].token,

@@ -1,12 +1,15 @@
-"""The dispatcher runtime on the real SQLite store, with fake executor clients: slots,
-wake-ups, retries, failover, dead letters, circuit, heartbeat, reaper and shutdown."""
+"""The threaded dispatcher runtime (daemon pools, claim loops, heartbeat and reaper threads,
+real time) on the memory store, with fake executor clients: slots, wake-ups, retries,
+failover, dead letters, circuit, heartbeat, reaper and shutdown.
+
+The same decisions, stepped one at a time with a fake clock and no threads, are in
+tests/unit/test_dispatcher_steps.py; this file checks the threads wire them up right."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +18,10 @@ from support import wait_until
 from executor_service.dispatcher.client import CallResult, Outcome
 from executor_service.dispatcher.regions import Regions
 from executor_service.dispatcher.scheduler import BackoffPolicy, Jitter
-from executor_service.dispatcher.store import open_store
+from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store.base import Failover, NewJob, State, Store
-from executor_service.dispatcher.worker import Dispatcher, WorkerConfig, request_id_for
+from executor_service.dispatcher.store.memory import MemoryStore
+from executor_service.dispatcher.worker import Dispatcher, WorkerConfig
 
 Behaviour = Callable[[str, str, str], CallResult]
 
@@ -75,8 +79,8 @@ FAST = WorkerConfig(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = open_store(f"sqlite:///{tmp_path / 'worker.db'}")
+def store() -> Iterator[Store]:
+    st = MemoryStore()
     yield st
     st.close()
 
@@ -285,33 +289,6 @@ def test_a_non_retryable_error_dead_letters_at_once(harness: Harness) -> None:
     assert e.last_error["gave_up"] == "non_retryable" and e.last_error["status"] == 404
 
 
-def test_a_failing_region_opens_its_circuit_and_stops_claiming(harness: Harness) -> None:
-    harness.behaviours["a"] = down
-    config = WorkerConfig(
-        lease_s=5,
-        claim_poll_s=0.05,
-        circuit_threshold=2,
-        circuit_cooldown_s=60,
-        backoff=BackoffPolicy(0.01, 0.05, Jitter.NONE),
-    )
-    # One slot: the next claim can only start after the last call's verdict was counted.
-    one_slot = Regions.from_mapping(
-        {"regions": {"a": {"url": "http://a", "concurrency": 1, "models": ["m"]}}}
-    )
-    job = harness.job(6, ["a"], failover=Failover.NONE, max_attempts=10)
-    d = harness.dispatcher(config, one_slot).start()
-
-    def circuit() -> str:
-        stats = harness.store.queue_stats(time.time(), one_slot.specs())
-        return stats.regions[0].circuit
-
-    wait_until(lambda: circuit() == "open" and d.in_flight() == 0, 10, what="circuit open")
-    assert len(harness.log) == 2  # exactly the threshold
-    time.sleep(0.3)  # a window in which a closed circuit would have made many more calls
-    assert len(harness.log) == 2
-    assert not harness.store.job_finished(job)
-
-
 def test_heartbeat_keeps_a_long_call_leased(harness: Harness) -> None:
     def long_call(region: str, prompt: str, rid: str) -> CallResult:
         time.sleep(3.0)
@@ -328,7 +305,9 @@ def test_heartbeat_keeps_a_long_call_leased(harness: Harness) -> None:
 
 def test_reaper_recovers_the_lease_of_a_crashed_worker(harness: Harness) -> None:
     job = harness.job(1, ["a"])
-    crashed = harness.store.claim(REGIONS["a"].spec(), 1, time.time(), 0.2, "crashed", 20)
+    crashed = harness.store.claim(
+        ClaimRequest(REGIONS["a"].spec(), 1, time.time(), 0.2, "crashed", 20)
+    )
     assert len(crashed) == 1
     harness.dispatcher(WorkerConfig(lease_s=0.6, claim_poll_s=0.05)).start()
     (e,) = harness.finished(job)
@@ -376,9 +355,3 @@ def test_stop_releases_calls_that_outlive_the_grace(harness: Harness) -> None:
     executions = harness.store.executions(job)
     assert [e.state for e in executions] == [State.QUEUED] * 3
     assert all(e.attempts == 0 and e.output is None for e in executions)
-
-
-def test_request_ids_name_job_execution_and_attempt(harness: Harness) -> None:
-    job = harness.job(1, ["a"])
-    (claim,) = harness.store.claim(REGIONS["a"].spec(), 1, time.time(), 5, "w", 20)
-    assert request_id_for(claim) == f"{job}.{claim.execution_id}.1"
