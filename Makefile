@@ -32,8 +32,9 @@ demo: install
 test: install postgres
 	$(PY) -m pytest
 
+## test-fast: the unit tier (no network, no subprocess, no disk beyond tmp): seconds
 test-fast: install
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit -q -m "not deploy and not image"
 
 postgres:
 	@bash scripts/ensure-postgres.sh

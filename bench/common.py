@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "loadtests"))
 
 from localserver import free_port, wait_until  # noqa: E402
 
-from executor_service.dispatcher.cli import DispatcherAPI  # noqa: E402
+from executor_service.dispatcher.api_client import DispatcherAPI  # noqa: E402
 
 EXECUTOR_APP = "executor_service:create_app()"
 EXECUTOR_GUNICORN_CONFIG = "python:executor_service.gunicorn_config"

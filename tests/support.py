@@ -15,7 +15,7 @@ from typing import Any
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-GUNICORN_CONFIG = "python:executor_service.gunicorn_config"
+GUNICORN_CONFIG = "python:executor_service.executor.gunicorn_config"
 EXECUTOR_APP = "executor_service:create_app()"
 
 

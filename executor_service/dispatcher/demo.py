@@ -14,7 +14,6 @@ default. Everything the demo starts runs without API keys, on loopback only.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -29,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import requests
 
-from .cli import CLIError, DispatcherAPI, follow
+from .api_client import CLIError, DispatcherAPI
+from .commands import follow_job
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def start_executor(region: str, tmp: Path, model: str, simulated: bool) -> Child
         "-m",
         "gunicorn",
         "-c",
-        "python:executor_service.gunicorn_config",
+        "python:executor_service.executor.gunicorn_config",
         "executor_service:create_app()",
     ]
     return _spawn(f"executor-{region}", argv, env, tmp, f"http://127.0.0.1:{port}")
@@ -221,41 +222,41 @@ def print_side_by_side(
     console.print(table)
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(model: str, simulated: bool, questions: int, max_tokens: int) -> int:
     from rich.console import Console
 
     console = Console()
     tmp = Path(tempfile.mkdtemp(prefix="executor-service-demo-"))
     children: list[Child] = []
-    kind = "simulated" if args.simulated else "embedded"
+    kind = "simulated" if simulated else "embedded"
     try:
-        console.print(f"starting 3 executors ({kind} model {args.model}): {', '.join(REGIONS)}")
-        executors = {r: start_executor(r, tmp, args.model, args.simulated) for r in REGIONS}
+        console.print(f"starting 3 executors ({kind} model {model}): {', '.join(REGIONS)}")
+        executors = {r: start_executor(r, tmp, model, simulated) for r in REGIONS}
         children += executors.values()
         deadline = time.monotonic() + START_TIMEOUT_S
         for child in executors.values():
             _wait_ready(child, "/ready", deadline)
         regions_file = tmp / "regions.toml"
-        regions_file.write_text(regions_toml(executors, args.model))
+        regions_file.write_text(regions_toml(executors, model))
         console.print("starting the dispatcher (SQLite) ...")
         dispatcher = start_dispatcher(tmp, regions_file)
         children.append(dispatcher)
         _wait_ready(dispatcher, "/health", time.monotonic() + START_TIMEOUT_S)
         api = DispatcherAPI(dispatcher.url)
-        questions = list(QUESTIONS[: args.questions])
+        asked = list(QUESTIONS[:questions])
         job = api.submit(
             {
-                "questions": questions,
-                "models": [args.model],
+                "questions": asked,
+                "models": [model],
                 "regions": list(REGIONS),
                 # Comparing regions: an answer must come from the region it is shown under.
                 "failover": "none",
-                "params": {"max_tokens": args.max_tokens, "temperature": 0.0, "seed": 42},
+                "params": {"max_tokens": max_tokens, "temperature": 0.0, "seed": 42},
             }
         )
-        console.print(f"job {job['id']}: {len(questions)} questions x 3 regions")
+        console.print(f"job {job['id']}: {len(asked)} questions x 3 regions")
         started = time.monotonic()
-        job = follow(api, job["id"], console)
+        job = follow_job(api, job["id"], console)
         elapsed = time.monotonic() - started
         print_side_by_side(api.results(job["id"]), console, list(REGIONS))
         states = job["states"]
@@ -278,14 +279,13 @@ def run_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def add_command(sub: Any) -> None:
-    p = sub.add_parser("demo", help="three local regions, a dispatcher and one job, end to end")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
-    p.add_argument(
-        "--simulated",
-        action="store_true",
-        help="simulated model instead of the embedded one (fast; for tests)",
-    )
-    p.add_argument("--questions", type=int, default=len(QUESTIONS), choices=range(1, 5))
-    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
-    p.set_defaults(func=run_demo)
+@click.command("demo")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="model name")
+@click.option(
+    "--simulated", is_flag=True, help="simulated model instead of the embedded one (fast; tests)"
+)
+@click.option("--questions", type=click.IntRange(1, len(QUESTIONS)), default=len(QUESTIONS))
+@click.option("--max-tokens", type=int, default=MAX_TOKENS, show_default=True)
+def demo(model: str, simulated: bool, questions: int, max_tokens: int) -> None:
+    """Three local regions, a dispatcher and one job, end to end."""
+    sys.exit(run_demo(model, simulated, questions, max_tokens))

@@ -1,5 +1,6 @@
 """What the dispatcher acceptance tests share: simulated executors as regions (real gunicorn),
-a regions file, the real ``executor-service dispatcher`` command in a subprocess, a fresh
+a regions file, the real ``executor-service dispatcher`` command (API and worker processes)
+in a subprocess, a fresh
 PostgreSQL database, and reading the executors' access logs.
 
 Plain functions and classes (not fixtures), so each test module builds exactly the
@@ -8,6 +9,7 @@ processes it needs and keeps the two shared cores for itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -25,7 +27,7 @@ import psycopg
 from psycopg import sql
 from support import REPO, Gunicorn, free_port, wait_until, write_catalog
 
-from executor_service.dispatcher.cli import DispatcherAPI
+from executor_service.dispatcher.api_client import DispatcherAPI
 
 POSTGRES_URL = os.environ.get("ES_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 KEYS = {"alice": "key-alice", "bob": "key-bob"}
@@ -122,8 +124,14 @@ class DispatcherProcess:
         if not self.api_enabled:
             argv.append("--no-api")
         with self.log_path.open("ab") as log:
+            # A session of its own: kill() takes the API and worker children with it.
             self.proc = subprocess.Popen(
-                argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                argv,
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         if self.api_enabled:
             try:
@@ -169,15 +177,20 @@ class DispatcherProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+            self._kill_group()
             raise
 
     def kill(self) -> None:
-        """SIGKILL: a crash. Its API child gets SIGTERM from the kernel (PDEATHSIG)."""
+        """SIGKILL of the whole process group: a crash of the host (or container) running
+        ``executor-service dispatcher`` and its API and worker children."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+            self._kill_group()
+
+    def _kill_group(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
 
     def __enter__(self) -> DispatcherProcess:
         return self.start()

@@ -1,0 +1,168 @@
+"""The client commands, talking HTTP to the dispatcher API (``api_client.py``) at
+ES_DISPATCHER_URL with the key in ES_DISPATCHER_KEY, and how they show a job:
+
+    submit JOBFILE [--follow] [--idempotency-key K]   a JSON or TOML job; --follow shows a
+                        progress bar per region and exits 0 only if every execution succeeded
+    status JOB [--json]                               counts per region and state, progress, ETA
+    results JOB [--format table|json|csv]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import click
+
+from .api_client import DispatcherAPI, api_from_env, load_job_file
+
+# How often --follow and the demo ask for progress: smooth bars, negligible load.
+FOLLOW_POLL_S = 0.5
+FINAL = ("succeeded", "dead", "cancelled")
+STATE_COLUMNS = ("queued", "leased", "retry_wait", "succeeded", "dead", "cancelled")
+
+
+def region_progress(job: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """requested region -> (executions in a final state, executions)."""
+    out: dict[str, tuple[int, int]] = {}
+    for region, states in sorted(job["counts"].items()):
+        out[region] = (sum(states.get(s, 0) for s in FINAL), sum(states.values()))
+    return out
+
+
+def follow_job(api: DispatcherAPI, job_id: str, console: Any = None) -> dict[str, Any]:
+    """Show one live progress bar per region until the job is finished; return the job."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    job = api.job(job_id)
+    with Progress(
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        tasks = {
+            region: progress.add_task(region, total=total, detail="")
+            for region, (_, total) in region_progress(job).items()
+        }
+        while True:
+            for region, (done, total) in region_progress(job).items():
+                states = job["counts"].get(region, {})
+                detail = ", ".join(
+                    f"{s} {states[s]}" for s in ("leased", "retry_wait", "dead") if states.get(s)
+                )
+                progress.update(tasks[region], completed=done, total=total, detail=detail)
+            if job["state"] in ("finished", "cancelled"):
+                break
+            time.sleep(FOLLOW_POLL_S)
+            job = api.job(job_id)
+    return job
+
+
+def print_status(job: Mapping[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"job {job['id']} ({job['state']})")
+    table.add_column("region")
+    for name in STATE_COLUMNS:
+        table.add_column(name, justify="right")
+    table.add_column("total", justify="right")
+    for region, states in sorted(job["counts"].items()):
+        table.add_row(
+            region,
+            *(str(states.get(s, 0)) for s in STATE_COLUMNS),
+            str(sum(states.values())),
+        )
+    console.print(table)
+    progress = job["progress"]
+    eta = job.get("eta_s")
+    console.print(
+        f"{progress['done']}/{progress['total']} done ({progress['fraction']:.0%})"
+        + ("" if eta is None else f", ETA {eta:.1f} s")
+    )
+
+
+def _clip(text: str | None, width: int) -> str:
+    text = (text or "").replace("\n", " ").strip()
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def print_results_table(results: Mapping[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"job {results['job_id']} ({results['state']})")
+    for name in ("#", "question", "model", "region", "ran in", "state", "tries", "answer / error"):
+        table.add_column(name)
+    for e in results["executions"]:
+        answer = e["output"]
+        if answer is None and e.get("last_error"):
+            answer = f"{e['last_error'].get('code')}: {e['last_error'].get('message')}"
+        table.add_row(
+            str(e["question_index"]),
+            _clip(e["question"], 40),
+            e["model"],
+            e["requested_region"],
+            e["executed_region"] or "",
+            e["state"],
+            str(e["attempts"]),
+            _clip(answer, 80),
+        )
+    console.print(table)
+
+
+@click.command()
+@click.argument("jobfile")
+@click.option("--follow", is_flag=True, help="show live progress per region")
+@click.option("--idempotency-key", help="submitting twice gives the same job")
+def submit(jobfile: str, follow: bool, idempotency_key: str | None) -> None:
+    """Submit a job file (JSON or TOML; - reads JSON from stdin)."""
+    from rich.console import Console
+
+    console = Console()
+    api = api_from_env()
+    job = api.submit(load_job_file(jobfile), idempotency_key)
+    console.print(f"job {job['id']}: {job['total']} executions ({job['state']})")
+    if not follow:
+        return
+    job = follow_job(api, job["id"], console)
+    print_status(job, console)
+    sys.exit(0 if job["states"].get("succeeded", 0) == job["total"] else 1)
+
+
+@click.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="the API's JSON")
+def status(job: str, as_json: bool) -> None:
+    """A job's progress per region and state."""
+    from rich.console import Console
+
+    view = api_from_env().job(job)
+    if as_json:
+        click.echo(json.dumps(view, indent=2))
+    else:
+        print_status(view, Console())
+
+
+@click.command()
+@click.argument("job")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
+)
+def results(job: str, fmt: str) -> None:
+    """A job's results."""
+    from rich.console import Console
+
+    api = api_from_env()
+    if fmt == "csv":
+        sys.stdout.write(api.results_csv(job))
+    elif fmt == "json":
+        click.echo(json.dumps(api.results(job), indent=2))
+    else:
+        print_results_table(api.results(job), Console())
