@@ -30,10 +30,9 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-PREFIX = "ES_"
-
-
 from .exceptions import ExecutorServiceError
+
+PREFIX = "ES_"
 
 TSettings = TypeVar("TSettings", bound="EnvSettings")
 

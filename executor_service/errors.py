@@ -1,4 +1,5 @@
-"""The API errors (on the package's one exception base, ``exceptions.py``) and the handlers that give every error the same JSON shape.
+"""The API errors (on the package's one exception base, ``exceptions.py``) and the
+handlers that give every error the same JSON shape.
 
 Every error a client sees is ``{"error": {"code", "message", "details"}}``,
 whether it is raised by our code, by Werkzeug (404 route, 405, 413), by

@@ -25,9 +25,9 @@ from typing import Any
 from flask import Flask, Response, current_app, g, request, stream_with_context
 from flask_smorest import Blueprint
 
-from .config import DispatcherSettings
 from ..errors import APIError, Conflict, NotFound, error_response
 from . import metrics
+from .config import DispatcherSettings
 from .jobs import JobLimits, build_job
 from .regions import Regions
 from .scheduler import Clock

@@ -144,7 +144,7 @@ def run_both(host: str, port: int, no_api: bool) -> int:
     argvs = [[*me, "worker"]]
     if not no_api:
         argvs.append([*me, "api", "--host", host, "--port", str(port)])
-    children = {}
+    children: dict[int, subprocess.Popen[bytes]] = {}
     asked_to_stop = False
 
     def stop_children() -> None:

@@ -153,7 +153,11 @@ def status(job: str, as_json: bool) -> None:
 @click.command()
 @click.argument("job")
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
 )
 def results(job: str, fmt: str) -> None:
     """A job's results."""

@@ -16,8 +16,6 @@ import os
 import sys
 from typing import Any
 
-
-
 from executor_service.gunicorn_common import GUNICORN_TIMEOUT_DEFAULT
 from executor_service.gunicorn_common import env_int as _int
 

@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .config import DispatcherSettings
 from ..errors import ValidationFailed
+from .config import DispatcherSettings
 from .regions import Regions
 from .store.base import Failover, NewJob
 

@@ -46,7 +46,8 @@ class BackoffPolicy:
 
     base_s: float = DispatcherSettings.default("backoff_base_s")
     max_s: float = DispatcherSettings.default("backoff_max_s")
-    jitter: Jitter = Jitter(DispatcherSettings.default("backoff_jitter"))
+    # An enum member is immutable: a call in a dataclass default is safe here.
+    jitter: Jitter = Jitter(DispatcherSettings.default("backoff_jitter"))  # noqa: RUF009
 
     @classmethod
     def from_settings(cls, settings: DispatcherSettings) -> BackoffPolicy:

@@ -12,11 +12,11 @@ import sentry_sdk
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_smorest import Blueprint
 
-from .config import ExecutorSettings
 from ..errors import ModelTimeout, NotReady, ProviderError, UnknownModel, ValidationFailed
-from .metrics import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
 from .admission import Admission
 from .catalog import Catalog
+from .config import ExecutorSettings
+from .metrics import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
 from .providers import Call, ProviderFailure, ProviderRejected, ProviderTimeout
 from .schemas import ExecuteRequestSchema, ExecuteResponseSchema, ModelListSchema
 

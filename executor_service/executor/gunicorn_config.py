@@ -21,7 +21,6 @@ import sys
 import tempfile
 from typing import Any
 
-
 # Only the light helper: importing the app here would import prometheus_client in the
 # master before PROMETHEUS_MULTIPROC_DIR is set, and every forked worker would inherit it.
 from executor_service.gunicorn_common import GUNICORN_TIMEOUT_DEFAULT

@@ -17,8 +17,8 @@ from support import wait_until
 
 from executor_service.dispatcher.client import CallResult, Outcome
 from executor_service.dispatcher.regions import Regions
-from executor_service.dispatcher.scheduler import BackoffPolicy, Jitter
 from executor_service.dispatcher.rules import ClaimRequest
+from executor_service.dispatcher.scheduler import BackoffPolicy, Jitter
 from executor_service.dispatcher.store.base import Failover, NewJob, State, Store
 from executor_service.dispatcher.store.memory import MemoryStore
 from executor_service.dispatcher.worker import Dispatcher, WorkerConfig

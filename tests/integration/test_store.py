@@ -44,9 +44,7 @@ def postgres_databases() -> Iterator[PostgresDatabases]:
     databases.close()
 
 
-@pytest.fixture(
-    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The URL of a fresh database of each kind (migrated when opened)."""
     if request.param == "memory":

@@ -83,7 +83,9 @@ def test_help_lists_every_command() -> None:
         assert name in result.output
 
 
-@pytest.mark.parametrize("command", [["dispatcher", "worker"], ["dispatcher"], ["dispatcher", "api"]])
+@pytest.mark.parametrize(
+    "command", [["dispatcher", "worker"], ["dispatcher"], ["dispatcher", "api"]]
+)
 def test_a_bad_setting_exits_2_naming_it_before_the_store_is_touched(
     tmp_path: Path, command: list[str]
 ) -> None:

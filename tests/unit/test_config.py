@@ -78,5 +78,5 @@ def test_runtime_configs_take_their_defaults_from_the_settings() -> None:
     s = Settings.from_env(environ={})
     assert WorkerConfig() == WorkerConfig.from_settings(s)
     assert BackoffPolicy() == BackoffPolicy.from_settings(s)
-    assert DEFAULT_RETRY_HANDOFF_S == s.retry_handoff_s
+    assert s.retry_handoff_s == DEFAULT_RETRY_HANDOFF_S
     assert JobLimits.from_settings(s) == JobLimits(s.max_job_questions, s.max_job_executions)

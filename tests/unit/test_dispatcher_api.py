@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from executor_service.dispatcher.config import DispatcherSettings
 from executor_service.dispatcher.api import create_dispatcher_app
+from executor_service.dispatcher.config import DispatcherSettings
 from executor_service.dispatcher.regions import Regions
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store.memory import MemoryStore
@@ -199,7 +199,9 @@ def _run_some(env: Env) -> None:
         claims[1].execution_id, claims[1].token, dead, env.clock.now + 1, env.clock.now, None
     )
     busy = {"code": "overloaded", "message": "busy", "status": 503}
-    claims = env.store.claim(ClaimRequest(spec, 1, env.clock.now, 30, "w", 20))  # 2 slots: claim again
+    claims = env.store.claim(
+        ClaimRequest(spec, 1, env.clock.now, 30, "w", 20)
+    )  # 2 slots: claim again
     env.store.fail(
         claims[0].execution_id,
         claims[0].token,

@@ -229,7 +229,9 @@ class BrokenStore(MemoryStore):
 
 def test_a_store_error_pauses_the_claim_loop_and_a_bug_crashes_it() -> None:
     regs = regions(a=1)
-    outage = Dispatcher(BrokenStore(StoreError("down")), regs, CONFIG, client_factory=lambda r: None)  # type: ignore[arg-type, return-value]
+    outage = Dispatcher(
+        BrokenStore(StoreError("down")), regs, CONFIG, client_factory=lambda r: None
+    )  # type: ignore[arg-type, return-value]
     assert outage.step() == {"a": STORE_ERROR_PAUSE_S}
     bug = Dispatcher(BrokenStore(KeyError("oops")), regs, CONFIG, client_factory=lambda r: None)  # type: ignore[arg-type, return-value]
     with pytest.raises(KeyError):

@@ -245,11 +245,17 @@ class MemoryStore(Store):
             if free <= 0:
                 return []
             claims = []
-            for execution_id, source in rules.pick(_Queues(self, request), free, request.tenant_batch):
+            for execution_id, source in rules.pick(
+                _Queues(self, request), free, request.tenant_batch
+            ):
                 r = self.rows[execution_id]
                 token = records.new_token()
                 r.state, r.attempts, r.lease_token = State.LEASED.value, r.attempts + 1, token
-                r.lease_expires_at, r.leased_by, r.leased_at = request.expires, request.worker, request.now
+                r.lease_expires_at, r.leased_by, r.leased_at = (
+                    request.expires,
+                    request.worker,
+                    request.now,
+                )
                 r.executed_region, r.claimed_from = region, source.value
                 claims.append(
                     Claim(
@@ -307,7 +313,11 @@ class MemoryStore(Store):
             r = self._held(execution_id, token)
             if r is None:
                 return False
-            r.state, r.output, r.result = State.SUCCEEDED.value, records.output_of(result), _json(result)
+            r.state, r.output, r.result = (
+                State.SUCCEEDED.value,
+                records.output_of(result),
+                _json(result),
+            )
             r.finished_at, r.lease_expires_at = now, None
             self._record_attempt(r, started_at, now, None)
             return True
@@ -356,9 +366,11 @@ class MemoryStore(Store):
             self._check_open()
             expired = sorted(
                 self._where(
-                    lambda r: r.state == State.LEASED.value
-                    and r.lease_expires_at is not None
-                    and r.lease_expires_at < now
+                    lambda r: (
+                        r.state == State.LEASED.value
+                        and r.lease_expires_at is not None
+                        and r.lease_expires_at < now
+                    )
                 ),
                 key=lambda r: r.id,
             )
@@ -376,9 +388,11 @@ class MemoryStore(Store):
             self._check_open()
             moved = 0
             for r in self._where(
-                lambda r: r.state == State.QUEUED.value
-                and r.requested_region == region
-                and r.failover == rules.DIVERTED_FAILOVER.value
+                lambda r: (
+                    r.state == State.QUEUED.value
+                    and r.requested_region == region
+                    and r.failover == rules.DIVERTED_FAILOVER.value
+                )
             ):
                 r.state, r.due_at, r.failed_at, r.last_region = (
                     State.RETRY_WAIT.value,

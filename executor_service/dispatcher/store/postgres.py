@@ -14,9 +14,10 @@ Concurrency, the part that matters:
   pgqueuer fixed in 1.4.0 was counting before locking). SKIP LOCKED keeps two
   regions claiming the same global retry from waiting on each other.
 - Writes that can race with cancel_job (fail, release, reap: ``lease_of`` and
-  ``_expired_leases``) lock the job row FOR SHARE before the execution row, and cancel_job updates the job row before
-  its executions: the same lock order everywhere, no deadlock, and a failure
-  racing a cancel cannot leave a retry behind for a cancelled job.
+  ``_expired_leases``) lock the job row FOR SHARE before the execution row, and
+  cancel_job updates the job row before its executions: the same lock order
+  everywhere, no deadlock, and a failure racing a cancel cannot leave a retry
+  behind for a cancelled job.
 - divert_queued (a region's circuit opened) locks the rows it moves with
   ``FOR UPDATE SKIP LOCKED``: it never waits for a claimer or a cancel holding
   some of them, so it cannot deadlock with either; what it skips, the next

@@ -281,7 +281,10 @@ class SQLStore(Store, Generic[DB]):
             expired = self._expired_leases(db, now)
             for row in expired:
                 to = rules.after_lease_expired(
-                    row["attempts"], row["max_attempts"], bool(row["cancelled"]), now,
+                    row["attempts"],
+                    row["max_attempts"],
+                    bool(row["cancelled"]),
+                    now,
                     now + max_backoff_s,
                 )
                 args = {"id": row["id"], **self._transition(to), "error": error, "now": now}
@@ -355,7 +358,9 @@ class _SQLQueues(Generic[DB]):
         return self.store._own_retries(self.db, self.args, taken, n)
 
     def queued_tenants(self) -> list[str]:
-        return [r["tenant"] for r in self.db.execute(self.store.queries["queued_tenants"], self.args)]
+        return [
+            r["tenant"] for r in self.db.execute(self.store.queries["queued_tenants"], self.args)
+        ]
 
     def leased_by_tenant(self) -> dict[str, int]:
         rows = self.db.execute(self.store.queries["leased_by_tenant"], self.args)

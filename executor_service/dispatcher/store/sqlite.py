@@ -179,7 +179,9 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
             if free <= 0:
                 return []
             leased_rows = []
-            for execution_id, source in rules.pick(self._queues(db, args), free, request.tenant_batch):
+            for execution_id, source in rules.pick(
+                self._queues(db, args), free, request.tenant_batch
+            ):
                 token = records.new_token()
                 lease = {**args, "id": execution_id, "token": token, "source": source.value}
                 leased_rows.append((db.execute(Q["lease"], lease).fetchone(), token, source))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...exceptions import ExecutorServiceError
-from typing import Any
 
 
 @dataclass(frozen=True)
