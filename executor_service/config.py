@@ -16,19 +16,24 @@ cross-field checks (``check``) name every variable involved.
 Each default is defined once, in its field; runtime configs (WorkerConfig,
 BackoffPolicy, JobLimits) are derived from a settings object, never restated.
 
-Why not environs: it reads ``os.environ`` only, and the apps and tests here read
-an explicit mapping (``from_env(environ=...)``); its parsing is marshmallow fields,
-which these few typed parsers match while keeping messages a user can act on.
+Read with marshmallow (a schema per settings class, built from the dataclass fields,
+each variable a field's ``data_key``). Not environs, which is marshmallow underneath:
+it reads ``os.environ`` only, where the apps and tests here pass an explicit mapping
+(``from_env(environ=...)``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from .exceptions import ExecutorServiceError
 
@@ -41,55 +46,76 @@ class ConfigError(ExecutorServiceError, ValueError):
     """A setting from the environment has a value we cannot use."""
 
 
-def _parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError("expected true/false")
+# -- the fields: marshmallow fields, each with the message a user can act on -------------
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if value <= 0:
-        raise ValueError("expected a number > 0")
-    return value
+class _Flag(fields.Field):
+    """true/false, yes/no, on/off, 1/0 (any case); empty is false."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        text = str(value).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValidationError("expected true/false")
 
 
-def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if not 0 <= value < float("inf"):  # also rejects nan
-        raise ValueError("expected a finite number >= 0")
-    return value
+class _Choice(fields.String):
+    """One of ``allowed``, case-insensitive, returned lower-case."""
+
+    def __init__(self, allowed: tuple[str, ...], **kwargs: Any) -> None:
+        error = f"expected one of {', '.join(allowed)}"
+        super().__init__(validate=validate.OneOf(allowed, error=error), **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        return str(super()._deserialize(value, attr, data, **kwargs)).strip().lower()
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value <= 0:
-        raise ValueError("expected an integer > 0")
-    return value
+class _OptionalPath(fields.Field):
+    """A path (``~`` expanded); empty means none."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Path | None:
+        text = str(value)
+        return Path(text).expanduser() if text.strip() else None
 
 
-def _non_negative_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("expected an integer >= 0")
-    return value
+def _number(cls: type[fields.Number], error: str, **bounds: Any) -> Callable[..., fields.Field]:
+    def make(**kwargs: Any) -> fields.Field:
+        messages: dict[str, Any] = {"invalid": error, "special": error, "too_large": error}
+        return cls(
+            validate=validate.Range(error=error, **bounds), error_messages=messages, **kwargs
+        )
+
+    return make
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
-        return value
-
-    return parse
+_parse_bool: Callable[..., fields.Field] = _Flag
+_positive_float = _number(fields.Float, "expected a number > 0", min=0, min_inclusive=False)
+_non_negative_float = _number(fields.Float, "expected a finite number >= 0", min=0)
+_positive_int = _number(fields.Integer, "expected an integer > 0", min=1)
+_non_negative_int = _number(fields.Integer, "expected an integer >= 0", min=0)
+_optional_path: Callable[..., fields.Field] = _OptionalPath
 
 
-def _optional_path(raw: str) -> Path | None:
-    return Path(raw).expanduser() if raw.strip() else None
+def _choice(*allowed: str) -> Callable[..., fields.Field]:
+    return functools.partial(_Choice, allowed)
+
+
+_SCHEMAS: dict[type, Schema] = {}
+
+
+def _schema(cls: type) -> Schema:
+    """The marshmallow schema of a settings class: one field per dataclass field, loaded
+    from its variable (``data_key``), with the field's parser (text by default)."""
+    if cls not in _SCHEMAS:
+        declared = {
+            f.name: f.metadata.get("parse", fields.String)(data_key=f.metadata["env"])
+            for f in dataclasses.fields(cls)
+        }
+        schema = Schema.from_dict(declared, name=f"{cls.__name__}Schema")
+        _SCHEMAS[cls] = schema(unknown=EXCLUDE)
+    return _SCHEMAS[cls]
 
 
 @dataclass(frozen=True)
@@ -103,17 +129,13 @@ class EnvSettings:
         """Read every field from ``environ`` (default ``os.environ``), apply overrides,
         then run the cross-field checks."""
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            name = f.metadata["env"]
-            if name not in env:
-                continue
-            raw = env[name]
-            parse = f.metadata.get("parse", str)
-            try:
-                values[f.name] = parse(raw)
-            except ValueError as exc:
-                raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from None
+        raw = {name: env[name] for name in cls.env_names() if name in env}
+        try:
+            values = _schema(cls).load(raw)
+        except ValidationError as exc:
+            name, problems = next(iter(exc.normalized_messages().items()))
+            message = problems[0] if isinstance(problems, list) else problems
+            raise ConfigError(f"{name}={raw.get(name)!r} is not valid: {message}") from None
         settings = cls(**values)
         settings = replace(settings, **overrides) if overrides else settings
         settings.check(env)
@@ -126,12 +148,12 @@ class EnvSettings:
     @classmethod
     def env_names(cls) -> list[str]:
         """Every environment variable this class reads (for the README check)."""
-        return [f.metadata["env"] for f in fields(cls)]
+        return [f.metadata["env"] for f in dataclasses.fields(cls)]
 
     @classmethod
     def default(cls, name: str) -> Any:
         """The default of field ``name``: what runtime configs derive theirs from."""
-        f = next(f for f in fields(cls) if f.name == name)
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
         return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
