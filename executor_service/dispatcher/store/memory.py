@@ -194,25 +194,8 @@ class MemoryStore(Store):
             return [self._execution(r, with_attempts) for r in rows]
 
     def _execution(self, r: ExecutionRow, with_attempts: bool) -> Execution:
-        return Execution(
-            id=r.id,
-            job_id=r.job_id,
-            tenant=r.tenant,
-            question_index=r.question_index,
-            question=r.question,
-            model=r.model,
-            requested_region=r.requested_region,
-            executed_region=r.executed_region,
-            state=State(r.state),
-            attempts=r.attempts,
-            due_at=r.due_at,
-            last_error=_json(r.last_error),
-            output=r.output,
-            result=_json(r.result),
-            created_at=r.created_at,
-            finished_at=r.finished_at,
-            attempt_log=list(self.attempts.get(r.id, [])) if with_attempts else [],
-        )
+        attempts = list(self.attempts.get(r.id, [])) if with_attempts else []
+        return records.execution_from_row(vars(r), _json, attempts)
 
     def cancel_job(self, tenant: str, job_id: str, now: float) -> int:
         with self._lock:
@@ -257,23 +240,15 @@ class MemoryStore(Store):
                     request.now,
                 )
                 r.executed_region, r.claimed_from = region, source.value
+                params = _json(self.jobs[r.job_id].job.params)
                 claims.append(
-                    Claim(
-                        execution_id=r.id,
+                    records.claim_from_row(
+                        vars(r),
                         token=token,
-                        job_id=r.job_id,
-                        tenant=r.tenant,
-                        question_index=r.question_index,
-                        question=r.question,
-                        model=r.model,
-                        requested_region=r.requested_region,
-                        region=region,
-                        attempt=r.attempts,
-                        max_attempts=r.max_attempts,
-                        failover=Failover(r.failover),
-                        params=_json(self.jobs[r.job_id].job.params),
-                        lease_expires_at=request.expires,
                         source=source.value,
+                        region=region,
+                        params=params,
+                        lease_expires_at=request.expires,
                     )
                 )
             return claims
