@@ -8,7 +8,7 @@
                                            (ES_SHUTDOWN_GRACE_S), release the rest, exit
     dispatcher [run] [--host H] [--port P] [--no-api]
                                            a convenience: both of the above as two child
-                                           processes (--no-api: the workers only)
+                                           processes (--no-api: ``dispatcher worker``)
 
 In production the platform runs ``dispatcher api`` and ``dispatcher worker`` as separate
 processes and supervises them; ``dispatcher`` (run) is for one host and the demo: it
@@ -128,8 +128,11 @@ def run_worker() -> int:
 
 
 def run_both(host: str, port: int, no_api: bool) -> int:
-    """``dispatcher run``: the worker and (unless ``no_api``) the API as child processes.
-    Returns 0 when they stopped because we were asked to stop and both exited 0."""
+    """``dispatcher run``: the worker and the API as child processes. Returns 0 when they
+    stopped because we were asked to stop and both exited 0. ``no_api``: the worker
+    alone, in this process (``dispatcher worker``)."""
+    if no_api:
+        return run_worker()
     settings, _regions = _load_settings()
     from .store import open_store
 
@@ -141,9 +144,7 @@ def run_both(host: str, port: int, no_api: bool) -> int:
             prefix="dispatcher-metrics-"
         )
     me = [sys.executable, "-m", "executor_service.cli", "dispatcher"]
-    argvs = [[*me, "worker"]]
-    if not no_api:
-        argvs.append([*me, "api", "--host", host, "--port", str(port)])
+    argvs = [[*me, "worker"], [*me, "api", "--host", host, "--port", str(port)]]
     children: dict[int, subprocess.Popen[bytes]] = {}
     asked_to_stop = False
 
