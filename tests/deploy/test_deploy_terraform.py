@@ -43,6 +43,8 @@ DISPATCHER_MODULE = TF / "modules" / "dispatcher"
 SCRIPT = REPO / "scripts" / "regions_from_terraform.py"
 BIN = Path(sys.executable).parent  # the virtualenv's bin/, not resolved through symlinks
 
+pytestmark = pytest.mark.deploy
+
 # Names of env vars whose value is a credential: they must come from a secret.
 SECRET_ENV = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|DSN|DATABASE_URL|CREDENTIAL", re.I)
 # Inputs that carry secret values: an env `value` must never mention them.

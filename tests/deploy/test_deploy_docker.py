@@ -30,6 +30,8 @@ DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 BIN = Path(sys.executable).parent  # the virtualenv's bin/, not resolved through symlinks
 
+pytestmark = pytest.mark.deploy
+
 
 @dataclass
 class Stage:
