@@ -8,10 +8,13 @@ locals {
   image = "${azurerm_container_registry.this.login_server}/${var.image_repository}:${var.image_tag}"
 
   # Every location a region runs in, other than the registry's home, gets a
-  # replica: each region pulls its image from its own location.
+  # replica: each region pulls its image from its own location. Azure takes
+  # "East US" and "eastus" for the same location, and so must this
+  # comparison: a replica in the registry's own location is refused.
+  registry_home = lower(replace(var.registry_location, " ", ""))
   registry_replica_locations = toset([
-    for location in distinct([for r in values(var.regions) : r.location]) : location
-    if location != var.registry_location
+    for location in distinct([for r in values(var.regions) : lower(replace(r.location, " ", ""))]) : location
+    if location != local.registry_home
   ])
 
   # The environment variable that carries each executor's key to the dispatcher.
@@ -56,15 +59,16 @@ resource "azurerm_container_registry" "this" {
   #checkov:skip=CKV_AZURE_139:Executors run in Consumption environments without a virtual network in three regions and pull over the public endpoint, authenticated by their managed identity (admin user off, anonymous pull off); az acr build needs it too. Private endpoints would need a VNet per region.
   #checkov:skip=CKV_AZURE_166:Quarantine holds every pushed image until a scanner releases it; this deployment has no such scanner, so every rollout would hang. Scan in CI before the push instead.
   #checkov:skip=CKV_AZURE_164:Docker Content Trust is being retired by Azure in favour of Notary v2 signatures; sign images with notation in CI instead.
+  #checkov:skip=CKV_AZURE_233:Zone redundancy is var.registry_zone_redundancy (default true): Azure refuses it in locations without availability zones, so it must be possible to turn it off; checkov does not resolve the variable.
   name                          = "${var.name_prefix}acr${random_string.registry_suffix.result}"
   resource_group_name           = azurerm_resource_group.shared.name
-  location                      = var.registry_location
+  location                      = local.registry_home
   sku                           = "Premium"
   admin_enabled                 = false
   anonymous_pull_enabled        = false
   public_network_access_enabled = true
   data_endpoint_enabled         = true
-  zone_redundancy_enabled       = true
+  zone_redundancy_enabled       = var.registry_zone_redundancy
   # Untagged manifests (overwritten tags) are deleted after a week.
   retention_policy_in_days = 7
   tags                     = local.tags
@@ -74,7 +78,7 @@ resource "azurerm_container_registry" "this" {
     content {
       location                  = georeplications.value
       regional_endpoint_enabled = true
-      zone_redundancy_enabled   = true
+      zone_redundancy_enabled   = var.registry_zone_redundancy
       tags                      = local.tags
     }
   }
@@ -117,6 +121,9 @@ module "executor_region" {
   min_replicas = each.value.min_replicas
   max_replicas = each.value.max_replicas
 
+  model_latency_s         = each.value.model_latency_s
+  role_propagation_wait_s = var.role_propagation_wait_s
+
   allowed_cidrs      = var.allowed_cidrs
   log_retention_days = var.log_retention_days
 }
@@ -143,6 +150,7 @@ module "dispatcher" {
   region_api_keys = {
     for name in keys(var.regions) : local.api_key_env[name] => random_password.executor_api_key[name].result
   }
-  sentry_dsn         = var.sentry_dsn
-  log_retention_days = var.log_retention_days
+  sentry_dsn              = var.sentry_dsn
+  log_retention_days      = var.log_retention_days
+  role_propagation_wait_s = var.role_propagation_wait_s
 }

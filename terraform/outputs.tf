@@ -45,6 +45,27 @@ output "executor_apps" {
   }
 }
 
+output "executor_outbound_ip_addresses" {
+  description = "Each region's outbound addresses, for remote providers' allow-lists. Not guaranteed static: these environments have no VNet and NAT gateway (docs/deploy.md, 'Workload profile')."
+  value       = { for name, m in module.executor_region : name => m.outbound_ip_addresses }
+}
+
+output "executor_scale_targets" {
+  description = "Each region's HTTP scale rule target (requests/s per replica) and what it was derived from."
+  value = {
+    for name, m in module.executor_region : name => {
+      target              = m.scale_target
+      concurrent_requests = m.concurrent_requests
+      model_latency_s     = var.regions[name].model_latency_s
+    }
+  }
+}
+
+output "dispatcher_outbound_ip_addresses" {
+  description = "The dispatcher's outbound addresses, if deployed: candidates for allowed_cidrs (as /32)."
+  value       = var.dispatcher.enabled ? module.dispatcher[0].outbound_ip_addresses : null
+}
+
 output "dispatcher_url" {
   description = "HTTPS base URL of the dispatcher, if deployed."
   value       = var.dispatcher.enabled ? module.dispatcher[0].url : null

@@ -1,7 +1,12 @@
 variable "subscription_id" {
-  description = "Azure subscription; null takes ARM_SUBSCRIPTION_ID or the Azure CLI's current one."
+  description = "Azure subscription; null takes ARM_SUBSCRIPTION_ID. azurerm 4 requires one of the two: it no longer falls back to the Azure CLI's current subscription."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.subscription_id == null || can(regex("^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", var.subscription_id))
+    error_message = "subscription_id must be a subscription GUID (az account show --query id -o tsv)."
+  }
 }
 
 variable "name_prefix" {
@@ -16,9 +21,26 @@ variable "name_prefix" {
 }
 
 variable "registry_location" {
-  description = "Home location of the container registry (and of the shared resource group); every other region location gets a geo-replica."
+  description = "Home location of the container registry (and of the shared resource group); every other region location gets a geo-replica. Compared with the regions' locations case- and space-insensitively (\"East US\" is eastus)."
   type        = string
   default     = "eastus"
+}
+
+variable "registry_zone_redundancy" {
+  description = "Zone-redundant registry and replicas. Only locations with availability zones accept it: set false if registry_location or any region's location has none."
+  type        = bool
+  default     = true
+}
+
+variable "role_propagation_wait_s" {
+  description = "Seconds each region (and the dispatcher) waits after its role assignments before its container app is created: Azure takes up to a few minutes to propagate a new assignment."
+  type        = number
+  default     = 300
+
+  validation {
+    condition     = var.role_propagation_wait_s >= 0 && var.role_propagation_wait_s <= 1800
+    error_message = "role_propagation_wait_s must be between 0 and 1800."
+  }
 }
 
 variable "image_repository" {
@@ -42,8 +64,9 @@ variable "regions" {
     One executor per entry: region name (as the dispatcher knows it) => settings.
     location: Azure location. models: what the region serves (must be in its catalog).
     The rest are optional: replicas, gunicorn workers/threads/worker class, vCPU and
-    memory per replica, a region-specific catalog, and the dispatcher's concurrency
-    for the region (default: calls per replica x max_replicas).
+    memory per replica, a region-specific catalog, the dispatcher's concurrency
+    for the region (default: calls per replica x max_replicas), and the measured
+    model latency under load that the scale rule's target is derived from.
   EOT
   type = map(object({
     location               = string
@@ -57,6 +80,7 @@ variable "regions" {
     memory_gib             = optional(number, 4)
     catalog_toml           = optional(string)
     dispatcher_concurrency = optional(number)
+    model_latency_s        = optional(number, 2)
   }))
   default = {
     us-east = {
@@ -73,9 +97,16 @@ variable "regions" {
     }
   }
 
+  # The name is part of Azure resource names (ca-<prefix>-<region>): Azure
+  # refuses a trailing hyphen and a double hyphen there.
   validation {
-    condition     = length(var.regions) > 0 && alltrue([for name, r in var.regions : can(regex("^[a-z][a-z0-9-]{0,15}$", name)) && length(r.models) > 0])
-    error_message = "Every region name must be lowercase letters, digits and '-' (at most 16 characters), and every region must serve at least one model."
+    condition     = length(var.regions) > 0 && alltrue([for name, r in var.regions : can(regex("^[a-z][a-z0-9]*(-[a-z0-9]+)*$", name)) && length(name) <= 16])
+    error_message = "Every region name must be lowercase letters, digits and single hyphens, start with a letter and not end with a hyphen (e.g. us-east, not us- or us--east), at most 16 characters."
+  }
+
+  validation {
+    condition     = alltrue([for r in values(var.regions) : length(r.models) > 0 && r.model_latency_s > 0])
+    error_message = "Every region must serve at least one model, and its model_latency_s must be > 0."
   }
 }
 
@@ -92,8 +123,16 @@ variable "provider_secrets" {
   sensitive   = true
 
   validation {
-    condition     = alltrue([for name in keys(var.provider_secrets) : can(regex("^[A-Z][A-Z0-9_]*$", name))])
-    error_message = "provider_secrets names must be environment variable names (A-Z, 0-9, _)."
+    condition     = alltrue([for name in keys(var.provider_secrets) : can(regex("^[A-Z]([A-Z0-9_]*[A-Z0-9])?$", name))])
+    error_message = "provider_secrets names must be environment variable names (A-Z, 0-9, _, not ending with _)."
+  }
+
+  # Each becomes the container app secret lower(replace(NAME, "_", "-")):
+  # API_KEYS, SENTRY_DSN and CATALOG_TOML would collide with the executor's
+  # own secrets, and the env vars the executor sets must not be overwritten.
+  validation {
+    condition     = alltrue([for name in keys(var.provider_secrets) : !contains(["api-keys", "sentry-dsn", "catalog-toml"], lower(replace(name, "_", "-"))) && !contains(["PORT", "WEB_CONCURRENCY", "SENTRY_DSN"], name) && !startswith(name, "ES_") && !startswith(name, "GUNICORN_")])
+    error_message = "provider_secrets must not be named API_KEYS, SENTRY_DSN, CATALOG_TOML, PORT, WEB_CONCURRENCY, or start with ES_ or GUNICORN_: the executor uses those names."
   }
 }
 
@@ -105,9 +144,14 @@ variable "sentry_dsn" {
 }
 
 variable "sentry_dsn_key_vault_secret_id" {
-  description = "Instead of sentry_dsn: versionless ID of a Key Vault secret holding it (needs key_vault_id)."
+  description = "Instead of sentry_dsn: versionless ID of a Key Vault secret holding it (needs key_vault_id, checked by a precondition in each region)."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.sentry_dsn_key_vault_secret_id == null || can(regex("^https://[a-z0-9-]+\\.vault\\.[a-z0-9.]+/secrets/[A-Za-z0-9-]+/?$", var.sentry_dsn_key_vault_secret_id))
+    error_message = "sentry_dsn_key_vault_secret_id must be a versionless Key Vault secret ID: https://<vault>.vault.azure.net/secrets/<name>."
+  }
 }
 
 variable "key_vault_id" {
@@ -123,9 +167,14 @@ variable "allowed_cidrs" {
 }
 
 variable "log_retention_days" {
-  description = "Log Analytics retention in every region."
+  description = "Log Analytics retention in every region (30 to 730 days)."
   type        = number
   default     = 30
+
+  validation {
+    condition     = var.log_retention_days >= 30 && var.log_retention_days <= 730 && floor(var.log_retention_days) == var.log_retention_days
+    error_message = "log_retention_days must be a whole number from 30 to 730 (the PerGB2018 workspace's range)."
+  }
 }
 
 variable "tags" {
@@ -147,7 +196,7 @@ variable "dispatcher" {
     min_replicas  = optional(number, 1)
     max_replicas  = optional(number, 2)
     postgres_sku  = optional(string, "GP_Standard_D2ds_v5")
-    postgres_zone = optional(string, "1")
+    postgres_zone = optional(string) # null: Azure picks; "1".."3" only where the location has zones
   })
   default = {}
 }

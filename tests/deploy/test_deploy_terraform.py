@@ -152,45 +152,154 @@ def _ternary_to_python(src: str) -> str:
     if "?" not in src:
         return src
     assert src.count("?") == 1, f"nested conditionals are not supported: {src}"
-    match = re.fullmatch(r"(.+?)\?(.+?):(.+)", src)
+    match = re.fullmatch(r"(.+?)\?(.+?):(.+)", src, re.S)
     assert match, src
     cond, then, other = match.groups()
     return f"({then}) if ({cond}) else ({other})"
+
+
+def _closing(src: str, start: int) -> int:
+    """Index of the bracket closing the one at ``start`` (strings are already masked)."""
+    depth = 0
+    for i in range(start, len(src)):
+        if src[i] in "([{":
+            depth += 1
+        elif src[i] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise AssertionError(f"unbalanced brackets: {src}")
+
+
+def _top_level(src: str, token: str) -> int:
+    """First index of ``token`` outside any bracket, or -1."""
+    depth = 0
+    for i in range(len(src)):
+        if src[i] in "([{":
+            depth += 1
+        elif src[i] in ")]}":
+            depth -= 1
+        elif depth == 0 and src.startswith(token, i):
+            return i
+    return -1
+
+
+def _for_to_python(src: str) -> str:
+    """`[for k, v in c : e if f]` -> a Python list comprehension, innermost first."""
+    while (start := src.rfind("[for ")) >= 0:
+        end = _closing(src, start)
+        inner = src[start + len("[for ") : end]
+        head = re.match(r"\s*(\w+)(?:\s*,\s*(\w+))?\s+in\s+", inner)
+        assert head, inner
+        rest = inner[head.end() :]
+        colon = _top_level(rest, ":")
+        assert colon > 0, inner
+        collection, body = rest[:colon], rest[colon + 1 :]
+        cond = ""
+        if (at := _top_level(body, " if ")) >= 0:
+            body, cond = body[:at], f" if ({body[at + 4 :]})"
+        if head.group(2):
+            target, iterate = f"{head.group(1)}, {head.group(2)}", "_pairs"
+        else:
+            target, iterate = head.group(1), "_elements"
+        src = (
+            f"{src[:start]}[({body}) for {target} in {iterate}({collection}){cond}]{src[end + 1 :]}"
+        )
+    return src
+
+
+class _Obj(dict[str, Any]):
+    """A Terraform object: ``r.location`` as well as ``r["location"]``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self[name]
+
+
+def _objects(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return _Obj({k: _objects(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_objects(v) for v in value]
+    return value
+
+
+def _matches(args: tuple[str, Any]) -> bool:
+    # can(regex(p, s)): Terraform's regex() fails without a match (RE2; these
+    # patterns use nothing Python's re reads differently).
+    pattern, text = args
+    return isinstance(text, str) and re.search(pattern, text) is not None
 
 
 _ALLOWED = (
     ast.Expression, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Compare, ast.IfExp, ast.Call,
     ast.Constant, ast.Name, ast.Subscript, ast.Load, ast.And, ast.Or, ast.Not, ast.Add,
     ast.Sub, ast.Mult, ast.Div, ast.Mod, ast.USub, ast.Eq, ast.NotEq, ast.Lt, ast.LtE,
-    ast.Gt, ast.GtE,
+    ast.Gt, ast.GtE, ast.ListComp, ast.comprehension, ast.Store, ast.Tuple, ast.List,
+    ast.Attribute,
 )  # fmt: skip
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "min": min, "max": max, "floor": math.floor, "ceil": math.ceil, "tostring": str,
+    "lower": str.lower, "replace": lambda s, old, new: s.replace(old, new),
+    "startswith": str.startswith, "length": len, "contains": lambda xs, x: x in xs,
+    "alltrue": all, "values": lambda m: list(m.values()), "keys": lambda m: sorted(m),
+    "distinct": lambda xs: list(dict.fromkeys(xs)), "toset": lambda xs: set(xs),
+    "nonsensitive": lambda x: x, "_matches": _matches, "_args": lambda *a: a,
+    "coalesce": lambda *a: next(x for x in a if x is not None and x != ""),
+    "_elements": lambda c: list(c.values()) if isinstance(c, Mapping) else list(c),
+    "_pairs": lambda c: list(c.items()) if isinstance(c, Mapping) else list(enumerate(c)),
 }  # fmt: skip
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def evaluate(value: Any, variables: Mapping[str, Any], locals_: Mapping[str, Any]) -> Any:
-    """Evaluate a python-hcl2 value: arithmetic, comparisons, a ternary, var.* and local.*."""
+    """Evaluate a python-hcl2 value: arithmetic, comparisons, a ternary, string and
+    collection functions, can(regex()), for-expressions, var.* and local.*."""
     if not isinstance(value, str) or not (value.startswith("${") and value.endswith("}")):
         return value
-    src = value[2:-1]
+    strings: list[str] = []
+
+    def mask(match: re.Match[str]) -> str:
+        strings.append(json.loads(match.group(0)))  # HCL's escapes are JSON's here
+        return f"_S[{len(strings) - 1}]"
+
+    src = _STRING.sub(mask, value[2:-1])
     src = re.sub(r"\bvar\.(\w+)", r'V["\1"]', src)
     src = re.sub(r"\blocal\.(\w+)", r'L("\1")', src)
+    src = src.replace("can(regex(", "_matches(_args(")
     src = src.replace("&&", " and ").replace("||", " or ")
     src = re.sub(r"!(?!=)", " not ", src)
     src = re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", src))
+    src = re.sub(r"\bnull\b", "None", src)
+    src = _for_to_python(src)
     src = _ternary_to_python(src)
     tree = ast.parse(src.strip(), mode="eval")
+    bound = {
+        n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+    }
     for node in ast.walk(tree):
         assert isinstance(node, _ALLOWED), f"cannot evaluate {value!r}: {type(node).__name__}"
         if isinstance(node, ast.Name):
-            assert node.id in {"V", "L", *_FUNCTIONS}, f"cannot evaluate {value!r}: {node.id}"
+            known = {"V", "L", "_S", "None", "True", "False", *_FUNCTIONS, *bound}
+            assert node.id in known, f"cannot evaluate {value!r}: {node.id}"
+        if isinstance(node, ast.Attribute):
+            assert not node.attr.startswith("_"), f"cannot evaluate {value!r}: {node.attr}"
 
     def local(name: str) -> Any:
         return evaluate(locals_[name], variables, locals_)
 
-    scope = {"V": variables, "L": local, **_FUNCTIONS}
-    return eval(compile(tree, "<hcl>", "eval"), {"__builtins__": {}}, scope)
+    # Globals, not locals: a comprehension's own scope sees only globals.
+    scope = {"__builtins__": {}, "V": _objects(variables), "L": local, "_S": strings, **_FUNCTIONS}
+    return eval(compile(tree, "<hcl>", "eval"), scope)
+
+
+def failing_validations(config: Config, name: str, value: Any) -> list[str]:
+    """The error messages of ``variable "name"``'s validations that refuse ``value``."""
+    variable = config.variables[name]
+    return [
+        v["error_message"]
+        for v in variable.get("validation", [])
+        if evaluate(v["condition"], {name: value}, {}) is not True
+    ]
 
 
 def tf_str(value: Any) -> str:
@@ -210,6 +319,17 @@ def test_evaluator_understands_this_configuration() -> None:
     assert evaluate("${local.total}", {**variables, "worker_class": "gthread"}, locals_) == 8
     assert evaluate("${min(10, ceil(60 / 10) + 2)}", {}, {}) == 8
     assert evaluate("${var.workers >= 1 && !(var.workers > 3)}", variables, {}) is False
+    # for-expressions over maps (one and two symbols), can(regex()), strings with ? and :
+    regions = {"a": {"location": "East US"}, "b": {"location": "x"}}
+    expr = (
+        "${toset([for l in distinct([for r in values(var.regions) : lower(r.location)])"
+        ' : l if l != "x"])}'
+    )
+    assert evaluate(expr, {"regions": regions}, {}) == {"east us"}
+    expr = '${alltrue([for k, r in var.regions : can(regex("^[a-z]?$", k)) && r.location != null])}'
+    assert evaluate(expr, {"regions": regions}, {}) is True
+    assert evaluate('${can(regex("^a$", var.x))}', {"x": None}, {}) is False
+    assert evaluate('${replace("a_b:c?", "_", "-")}', {}, {}) == "a-b:c?"
 
 
 # -------------------------------------------------------- gunicorn defaults ---
@@ -333,9 +453,27 @@ def test_registry_is_premium_and_geo_replicated_to_the_regions(root: Config) -> 
     replicas = one([d["georeplications"] for d in acr["dynamic"] if "georeplications" in d])
     assert replicas["for_each"] == "${local.registry_replica_locations}"
     assert one(replicas["content"])["location"] == "${georeplications.value}"
-    # The replica set is every region's location except the registry's home.
-    expr = root.locals["registry_replica_locations"]
-    assert "r.location" in expr and "var.regions" in expr and "!= var.registry_location" in expr
+    assert acr["location"] == "${local.registry_home}"
+
+
+@pytest.mark.parametrize(
+    ("home", "locations", "replicas"),
+    [
+        ("eastus", ["eastus", "westeurope", "southeastasia"], {"westeurope", "southeastasia"}),
+        # Azure's display names are the same locations: no replica in the home location.
+        ("eastus", ["East US", "West Europe", "westeurope"], {"westeurope"}),
+        ("East US", ["eastus", "UK South"], {"uksouth"}),
+    ],
+    ids=["names", "display-names", "display-home"],
+)
+def test_registry_replicas_compare_locations_as_azure_does(
+    root: Config, home: str, locations: list[str], replicas: set[str]
+) -> None:
+    regions = {f"r{i}": {"location": loc} for i, loc in enumerate(locations)}
+    variables = {"registry_location": home, "regions": regions}
+    got = evaluate("${local.registry_replica_locations}", variables, root.locals)
+    assert got == replicas
+    assert evaluate("${local.registry_home}", variables, root.locals) not in got
 
 
 def test_registry_is_pulled_by_identity_not_by_password(
@@ -357,9 +495,46 @@ def test_registry_is_pulled_by_identity_not_by_password(
         assert registry == {"server": "${var.registry_login_server}", "identity": identity_id}
         identity = one(app["identity"])
         assert identity["type"] == "UserAssigned" and identity["identity_ids"] == [identity_id]
-        # The role must exist before the first pull.
-        assert "${azurerm_role_assignment.acr_pull}" in app["depends_on"], where
+        # The role must have propagated before the first pull (see the next test).
+        assert app["depends_on"][0] == "${time_sleep.role_propagation}", where
         assert "registry_password" not in json.dumps(app)
+
+
+def test_apps_wait_for_their_roles_to_propagate(
+    root: Config, region: Config, dispatcher: Config
+) -> None:
+    """Azure takes minutes to propagate a new role assignment: an app created right after
+    its AcrPull assignment cannot pull and its create runs until it times out."""
+    providers = one(one(root.terraform)["required_providers"])
+    assert providers["time"]["source"] == "hashicorp/time"
+    for config, roles in (
+        (region, ["acr_pull", "key_vault_secrets"]),
+        (dispatcher, ["acr_pull"]),
+    ):
+        where = config.directory.name
+        module_providers = one(one(config.terraform)["required_providers"])
+        assert module_providers["time"]["source"] == "hashicorp/time", where
+        wait = config.resources[("time_sleep", "role_propagation")]
+        assert wait["create_duration"] == "${var.role_propagation_wait_s}s"
+        # Recreating a role assignment replaces the wait, so it is waited for again.
+        triggers = json.dumps(wait["triggers"])
+        for role in roles:
+            assert f"azurerm_role_assignment.{role}" in triggers, (where, role)
+        app = config.resources[("azurerm_container_app", "this")]
+        assert "${time_sleep.role_propagation}" in app["depends_on"], where
+        assert not any("azurerm_role_assignment" in d for d in app["depends_on"]), (
+            f"{where}: depending on the role as well as the wait hides which one is meant"
+        )
+        assert (
+            config.defaults()["role_propagation_wait_s"]
+            == root.defaults()["role_propagation_wait_s"]
+        )
+    module_args = [
+        root.modules[m]["role_propagation_wait_s"] for m in ("executor_region", "dispatcher")
+    ]
+    assert module_args == ["${var.role_propagation_wait_s}"] * 2
+    # Azure documents "up to a few minutes"; a minute is too little to rely on.
+    assert root.defaults()["role_propagation_wait_s"] >= 120
 
 
 def _probes(app: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -436,7 +611,7 @@ def test_ingress_allows_no_insecure_connections() -> None:
         assert one(ingress["traffic_weight"]) == {"latest_revision": True, "percentage": 100}
 
 
-def test_scale_rule_is_workers_times_threads_of_gunicorn(
+def test_per_replica_capacity_is_workers_times_calls_of_gunicorn(
     region: Config, gunicorn_defaults: dict[str, Any]
 ) -> None:
     defaults = region.defaults()
@@ -445,14 +620,12 @@ def test_scale_rule_is_workers_times_threads_of_gunicorn(
     assert defaults["worker_class"] == gunicorn_defaults["worker_class"]
     assert defaults["worker_timeout_s"] == gunicorn_defaults["timeout"]
 
-    app = region.resources[("azurerm_container_app", "this")]
-    template = one(app["template"])
-    rule = one(template["http_scale_rule"])
-    per_replica = evaluate(rule["concurrent_requests"], defaults, region.locals)
+    capacity = evaluate("${local.concurrent_requests}", defaults, region.locals)
     expected = gunicorn_defaults["workers"] * gunicorn_defaults["threads"]
-    assert per_replica == str(expected) == "8"
+    assert capacity == expected == 8
 
     # The env the container gets is the same arithmetic, so the two cannot drift.
+    template = one(region.resources[("azurerm_container_app", "this")]["template"])
     gunicorn_env = {"PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_WORKER_CLASS"}
     env = {
         e["name"]: evaluate(e["value"], defaults, region.locals)
@@ -466,9 +639,45 @@ def test_scale_rule_is_workers_times_threads_of_gunicorn(
 
     assert defaults["gevent_max_in_flight"] == gunicorn_defaults["gevent_max_in_flight"]
     gevent = {**defaults, "worker_class": "gevent"}
-    assert evaluate(rule["concurrent_requests"], gevent, region.locals) == str(
+    assert evaluate("${local.concurrent_requests}", gevent, region.locals) == (
         defaults["workers"] * defaults["gevent_max_in_flight"]
     )
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "latency_s", "target"),
+    [
+        ("gthread", 2, 3),  # the default: 0.8 x 8 / 2 = 3.2 requests/s per replica
+        ("gthread", 1, 6),
+        ("gthread", 0.5, 12),
+        ("gthread", 20, 1),  # below 1 request/s the rule cannot go lower (docs/deploy.md)
+        ("gevent", 2, 400),  # 0.8 x 4 x 250 / 2
+    ],
+)
+def test_scale_target_is_a_rate_derived_from_model_latency(
+    region: Config, root: Config, worker_class: str, latency_s: float, target: int
+) -> None:
+    """Azure's "concurrent requests" is requests in the past 15 s / 15, a rate. A replica
+    with C slots and latency L serves C / L requests/s: the target must be below that,
+    not C (which fires only at C x L calls in flight)."""
+    defaults = {**region.defaults(), "worker_class": worker_class, "model_latency_s": latency_s}
+    rule = one(
+        one(region.resources[("azurerm_container_app", "this")]["template"])["http_scale_rule"]
+    )
+    got = int(evaluate(rule["concurrent_requests"], defaults, region.locals))
+    assert got == target
+    capacity = evaluate("${local.concurrent_requests}", defaults, region.locals)
+    throughput = capacity / latency_s  # Little's law, requests/s one replica completes
+    if throughput >= 1:
+        assert got <= defaults["scale_utilisation"] * throughput, "replica saturates first"
+        assert got > defaults["scale_utilisation"] * throughput - 1, "target is not floor()"
+    assert region.defaults()["scale_utilisation"] < 1
+
+    # Every region passes its own latency; the root's default is the module's.
+    assert root.modules["executor_region"]["model_latency_s"] == "${each.value.model_latency_s}"
+    region_type = root.variables["regions"]["type"]
+    root_optional = dict(re.findall(r"(\w+) = optional\(\w+, ([^)]+)\)", region_type))
+    assert float(root_optional["model_latency_s"]) == float(region.defaults()["model_latency_s"])
 
 
 def test_termination_grace_covers_gunicorns_graceful_timeout(
@@ -520,13 +729,57 @@ def test_cpu_and_memory_fit_the_worker_count(region: Config, root: Config) -> No
     assert root_optional["worker_class"].strip('"') == defaults["worker_class"]
 
 
-def test_liveness_outlasts_gunicorns_worker_timeout(region: Config) -> None:
+def test_probes_let_a_busy_replica_pass(region: Config) -> None:
+    """A probe waits for a free slot behind model calls (gthread): its timeout outlasts one
+    capped call, so a busy replica answers late (a success); only draining (503 at once)
+    or a stuck replica fails, and readiness drops a draining replica within seconds."""
     defaults = region.defaults()
-    probe = _probes(region.resources[("azurerm_container_app", "this")])["liveness_probe"]
-    interval = evaluate(probe["interval_seconds"], defaults, region.locals)
-    failures = evaluate(probe["failure_count_threshold"], defaults, region.locals)
-    assert 1 <= failures <= 10  # the platform's limits
-    assert interval * failures > defaults["worker_timeout_s"]
+    assert defaults["timeout_cap_s"] == Settings().timeout_cap_s  # the app's own cap
+    probes = _probes(region.resources[("azurerm_container_app", "this")])
+
+    def value(probe: str, key: str) -> Any:
+        return evaluate(probes[probe][key], defaults, region.locals)
+
+    for kind in ("readiness_probe", "liveness_probe"):
+        timeout = value(kind, "timeout")
+        assert 1 <= timeout <= 240 and 1 <= value(kind, "interval_seconds") <= 240  # platform
+        assert 1 <= value(kind, "failure_count_threshold") <= 10
+        assert timeout > defaults["timeout_cap_s"], f"{kind}: a busy replica would fail it"
+    # Draining: /ready answers 503 at once; out of rotation within ~15 s of SIGTERM,
+    # well inside the graceful timeout.
+    drain = value("readiness_probe", "interval_seconds") * value(
+        "readiness_probe", "failure_count_threshold"
+    )
+    assert drain <= 15 < defaults["graceful_timeout_s"]
+    # Liveness gives up only after gunicorn's own worker timeout would have acted.
+    liveness = value("liveness_probe", "timeout") * value(
+        "liveness_probe", "failure_count_threshold"
+    )
+    assert liveness > defaults["worker_timeout_s"]
+
+    # The cap the timeout is derived from is the one the container runs with.
+    container = one(
+        one(region.resources[("azurerm_container_app", "this")]["template"])["container"]
+    )
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ES_TIMEOUT_CAP_S"] == "${tostring(var.timeout_cap_s)}"
+
+    # The preconditions refuse a cap the probes cannot outlast, or one above the worker timeout.
+    app = region.resources[("azurerm_container_app", "this")]
+
+    def failing(variables: Mapping[str, Any]) -> list[str]:
+        return [
+            p["error_message"]
+            for p in _preconditions(app)
+            if evaluate(p["condition"], variables, region.locals) is not True
+        ]
+
+    assert failing(defaults) == []
+    assert any(
+        "outlast one model call" in m
+        for m in failing({**defaults, "timeout_cap_s": 240, "worker_timeout_s": 300})
+    )
+    assert any("below worker_timeout_s" in m for m in failing({**defaults, "timeout_cap_s": 70}))
 
 
 def test_no_secret_is_a_plain_env_value(region: Config, dispatcher: Config, root: Config) -> None:
@@ -586,8 +839,13 @@ def test_dispatcher_gets_the_database_url_and_regions_file_as_secrets(
     env = {e["name"]: e for e in blocks_of(container, "env")}
     assert env["ES_DATABASE_URL"] == {"name": "ES_DATABASE_URL", "secret_name": "database-url"}
     mount = one(container["volume_mounts"])
-    assert mount["path"] == "${local.secrets_mount}"
     assert env["ES_REGIONS_FILE"]["value"] == "${local.secrets_mount}/regions-toml"
+    # The regions file alone is a file; the database URL and the keys are not.
+    assert mount == {
+        "name": "secrets",
+        "path": env["ES_REGIONS_FILE"]["value"],
+        "sub_path": "regions-toml",
+    }
     assert one(one(app["template"])["volume"])["storage_type"] == "Secret"
     assert env["ES_API_KEYS"]["secret_name"] == "api-keys"
 
@@ -598,6 +856,245 @@ def test_outputs_give_each_regions_url(root: Config) -> None:
     )
     region_outputs = Config(REGION_MODULE).outputs
     assert region_outputs["url"]["value"] == "https://${azurerm_container_app.this.ingress[0].fqdn}"
+
+
+# ------------------------------------------------- what only apply would find ---
+# Each test below would have failed before issue 16 ("Terraform that applies the first
+# time"): the Terraform parsed and passed checkov, but Azure would refuse it.
+
+REGION_NAMES_OK = ["us-east", "eu-west", "asia-pacific", "a", "uk-south-2", "x" * 16]
+REGION_NAMES_REFUSED = ["us-", "us--east", "-us", "1us", "Us-east", "us_east", "x" * 17, ""]
+
+
+@pytest.mark.parametrize("name", REGION_NAMES_OK + REGION_NAMES_REFUSED)
+def test_region_names_follow_azures_rule_for_app_names(
+    root: Config, region: Config, name: str
+) -> None:
+    """Azure refuses a trailing or double hyphen in container app and environment names."""
+    accepted = name in REGION_NAMES_OK
+    assert (failing_validations(region, "region", name) == []) is accepted
+    regions = {name: {"location": "eastus", "models": ["m"], "model_latency_s": 2}}
+    refused = failing_validations(root, "regions", regions)
+    assert (refused == []) is accepted
+    if not accepted:
+        assert any("not end with a hyphen" in m and "us--east" in m for m in refused)
+        assert (
+            "not end with a hyphen" in region.variables["region"]["validation"][0]["error_message"]
+        )
+    # ca-<prefix>-<region> and cae-<prefix>-<region> fit Azure's 32 characters.
+    longest_prefix = "p" * 10
+    if accepted:
+        assert len(f"cae-{longest_prefix}-{name}") <= 32
+
+
+@pytest.mark.parametrize(
+    ("name", "accepted"),
+    [
+        ("OPENAI_API_KEY", True),
+        ("AZURE_OPENAI_KEY", True),
+        ("API_KEYS", False),  # secret api-keys: the executor's own key
+        ("SENTRY_DSN", False),
+        ("CATALOG_TOML", False),
+        ("ES_API_KEYS", False),  # an env var the module sets
+        ("GUNICORN_TIMEOUT", False),
+        ("PORT", False),
+        ("OPENAI_", False),  # secret openai-: Azure refuses a trailing hyphen
+        ("openai_key", False),
+    ],
+)
+def test_provider_secrets_cannot_collide_with_the_modules_own(
+    root: Config, region: Config, name: str, accepted: bool
+) -> None:
+    value = {name: "sk-test"}
+    assert (failing_validations(root, "provider_secrets", value) == []) is accepted
+    assert (failing_validations(region, "provider_secrets", value) == []) is accepted
+    # The collision check uses the module's own name derivation and its own names.
+    app = region.resources[("azurerm_container_app", "this")]
+    derived = {
+        d["secret"]["content"][0]["name"]
+        for d in app["dynamic"]
+        if "secret" in d and d["secret"]["for_each"] == "${local.provider_secret_names}"
+    }
+    assert derived == {'${lower(replace(secret.value, "_", "-"))}'}
+    own = {s["name"] for s in app["secret"]} | {"sentry-dsn", region.locals["catalog_secret"]}
+    assert own == {"api-keys", "sentry-dsn", "catalog-toml"}
+    condition = region.variables["provider_secrets"]["validation"][0]["condition"]
+    assert all(f'"{name}"' in condition for name in own)
+    if accepted:
+        assert re.fullmatch(r"[a-z0-9]([a-z0-9-.]*[a-z0-9])?", name.lower().replace("_", "-"))
+
+
+@pytest.mark.parametrize(
+    ("days", "accepted"), [(29, False), (30, True), (730, True), (731, False), (30.5, False)]
+)
+def test_log_retention_is_the_workspaces_range(
+    root: Config, region: Config, dispatcher: Config, days: float, accepted: bool
+) -> None:
+    for config in (root, region, dispatcher):
+        refused = failing_validations(config, "log_retention_days", days)
+        assert (refused == []) is accepted, config.directory.name
+        assert config.defaults()["log_retention_days"] == 30
+
+
+def test_a_key_vault_secret_needs_the_key_vault(root: Config, region: Config) -> None:
+    """Without key_vault_id no identity gets "Key Vault Secrets User": the reference fails."""
+    app = region.resources[("azurerm_container_app", "this")]
+    defaults = region.defaults()
+    secret_id = "https://kv-exec.vault.azure.net/secrets/sentry-dsn"
+
+    def failing(variables: Mapping[str, Any]) -> list[str]:
+        return [
+            p["error_message"]
+            for p in _preconditions(app)
+            if evaluate(p["condition"], variables, region.locals) is not True
+        ]
+
+    assert any(
+        "needs key_vault_id" in m
+        for m in failing({**defaults, "sentry_dsn_key_vault_secret_id": secret_id})
+    )
+    vault = "/subscriptions/0/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv-exec"
+    ok = {**defaults, "sentry_dsn_key_vault_secret_id": secret_id, "key_vault_id": vault}
+    assert failing(ok) == []
+    assert failing(defaults) == []
+    # The root checks the ID's shape: versionless, a secret, in a vault.
+    name = "sentry_dsn_key_vault_secret_id"
+    assert failing_validations(root, name, None) == []
+    assert failing_validations(root, name, secret_id) == []
+    for bad in ("sentry-dsn", "https://kv-exec.vault.azure.net/keys/x", secret_id + "/0123abc"):
+        assert failing_validations(root, name, bad), bad
+
+
+def test_postgres_server_name_is_unique_and_its_zone_optional(
+    root: Config, dispatcher: Config
+) -> None:
+    server = dispatcher.resources[("azurerm_postgresql_flexible_server", "this")]
+    assert server["name"].endswith("-${random_string.postgres_suffix.result}")
+    suffix = dispatcher.resources[("random_string", "postgres_suffix")]
+    assert suffix["upper"] is False and suffix["special"] is False and suffix["length"] >= 6
+    # 3-63 lowercase letters, digits and hyphens, with the longest prefix.
+    name = server["name"].replace("${var.name_prefix}", "p" * 10)
+    name = name.replace("${random_string.postgres_suffix.result}", "a" * suffix["length"])
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", name)
+
+    # Zones: none unless asked for (locations without availability zones refuse "1").
+    assert server["zone"] == "${var.postgres_zone}"
+    assert dispatcher.defaults()["postgres_zone"] is None
+    assert "postgres_zone = optional(string)" in root.variables["dispatcher"]["type"]
+    assert root.modules["dispatcher"]["postgres_zone"] == "${var.dispatcher.postgres_zone}"
+    for zone, accepted in ((None, True), ("1", True), ("3", True), ("4", False), ("", False)):
+        assert (failing_validations(dispatcher, "postgres_zone", zone) == []) is accepted, zone
+    # The registry's zone redundancy is switchable too.
+    acr = root.resources[("azurerm_container_registry", "this")]
+    assert acr["zone_redundancy_enabled"] == "${var.registry_zone_redundancy}"
+    replicas = one([d["georeplications"] for d in acr["dynamic"] if "georeplications" in d])
+    assert one(replicas["content"])["zone_redundancy_enabled"] == "${var.registry_zone_redundancy}"
+
+
+# What each set of resource_provider_registrations registers, from the provider's
+# internal/resourceproviders/required.go (azurerm 4.x): "core" is the smallest.
+AZURERM_CORE_PROVIDERS = {
+    "Microsoft.Authorization", "Microsoft.Compute", "Microsoft.CostManagement",
+    "Microsoft.ManagedIdentity", "Microsoft.MarketplaceOrdering", "Microsoft.Network",
+    "Microsoft.Resources", "Microsoft.Storage",
+}  # fmt: skip
+# The Azure resource provider behind each resource type this configuration uses.
+RESOURCE_PROVIDER_OF = {
+    "azurerm_resource_group": "Microsoft.Resources",
+    "azurerm_container_registry": "Microsoft.ContainerRegistry",
+    "azurerm_log_analytics_workspace": "Microsoft.OperationalInsights",
+    "azurerm_container_app_environment": "Microsoft.App",
+    "azurerm_container_app": "Microsoft.App",
+    "azurerm_user_assigned_identity": "Microsoft.ManagedIdentity",
+    "azurerm_role_assignment": "Microsoft.Authorization",
+    "azurerm_virtual_network": "Microsoft.Network",
+    "azurerm_subnet": "Microsoft.Network",
+    "azurerm_private_dns_zone": "Microsoft.Network",
+    "azurerm_private_dns_zone_virtual_network_link": "Microsoft.Network",
+    "azurerm_postgresql_flexible_server": "Microsoft.DBforPostgreSQL",
+    "azurerm_postgresql_flexible_server_database": "Microsoft.DBforPostgreSQL",
+}
+
+
+def test_every_resource_provider_used_is_registered(
+    root: Config, region: Config, dispatcher: Config
+) -> None:
+    """A fresh subscription has no Microsoft.App, and azurerm 4's default set lacks it."""
+    provider = one([b["azurerm"] for b in load_tf(TF / "versions.tf")["provider"]])
+    assert provider["resource_provider_registrations"] == "core"
+    registered = AZURERM_CORE_PROVIDERS | set(provider["resource_providers_to_register"])
+    assert "Microsoft.App" in registered
+    used = {
+        rtype
+        for config in (root, region, dispatcher)
+        for rtype, _ in config.resources
+        if rtype.startswith("azurerm_")
+    }
+    unknown = used - set(RESOURCE_PROVIDER_OF)
+    assert not unknown, f"add the resource provider of {unknown} to RESOURCE_PROVIDER_OF"
+    missing = {RESOURCE_PROVIDER_OF[t] for t in used} - registered
+    assert not missing, f"not registered: {missing}"
+    # Registered by the provider, not by a resource that would unregister it on destroy.
+    assert "azurerm_resource_provider_registration" not in used
+
+
+def test_subscription_id_is_documented_as_azurerm_4_requires(root: Config) -> None:
+    description = root.variables["subscription_id"]["description"]
+    assert "ARM_SUBSCRIPTION_ID" in description
+    assert "no longer falls back" in description  # azurerm 4.0: the CLI's is not taken
+    assert failing_validations(root, "subscription_id", None) == []
+    assert (
+        failing_validations(root, "subscription_id", "00000000-1111-2222-3333-444444444444") == []
+    )
+    assert failing_validations(root, "subscription_id", "my-subscription")
+    deploy_md = (REPO / "docs" / "deploy.md").read_text()
+    assert "ARM_SUBSCRIPTION_ID" in deploy_md
+    assert "the az CLI's subscription" not in deploy_md
+
+
+def test_environments_are_created_with_a_workload_profile(
+    region: Config, dispatcher: Config
+) -> None:
+    """Without one an environment is Consumption-only: no profile can be added later."""
+    for config in (region, dispatcher):
+        env = config.resources[("azurerm_container_app_environment", "this")]
+        profile = one(env["workload_profile"])
+        assert profile == {"name": "Consumption", "workload_profile_type": "Consumption"}
+        app = config.resources[("azurerm_container_app", "this")]
+        assert app["workload_profile_name"] == profile["name"]
+    # A workload-profiles environment in a VNet needs its subnet delegated to it.
+    subnet = dispatcher.resources[("azurerm_subnet", "apps")]
+    delegation = one(subnet["delegation"])
+    assert one(delegation["service_delegation"])["name"] == "Microsoft.App/environments"
+
+
+def test_only_the_catalog_is_mounted_as_a_file(region: Config) -> None:
+    """The Secret volume holds every secret; the container sees only the catalog."""
+    app = region.resources[("azurerm_container_app", "this")]
+    container = one(one(app["template"])["container"])
+    mount = one(blocks_of(container, "volume_mounts"))
+    catalog_env = next(
+        d["env"]["content"][0]
+        for d in container["dynamic"]
+        if "env" in d and d["env"]["content"][0]["name"] == "ES_CATALOG"
+    )
+    assert mount["sub_path"] == "${local.catalog_secret}"
+    assert mount["path"] == catalog_env["value"].replace("${env.value}", "${local.catalog_secret}")
+    assert mount["path"] != "${local.secrets_mount}", "the whole volume would be every secret"
+
+
+def test_outputs_give_each_regions_outbound_addresses(root: Config, region: Config) -> None:
+    assert root.outputs["executor_outbound_ip_addresses"]["value"] == (
+        "${{for name, m in module.executor_region : name => m.outbound_ip_addresses}}"
+    )
+    assert region.outputs["outbound_ip_addresses"]["value"] == (
+        "${azurerm_container_app.this.outbound_ip_addresses}"
+    )
+    assert (
+        "module.dispatcher[0].outbound_ip_addresses"
+        in (root.outputs["dispatcher_outbound_ip_addresses"]["value"])
+    )
+    assert "m.scale_target" in root.outputs["executor_scale_targets"]["value"]
 
 
 # -------------------------------------------------------------- regions file ---
@@ -814,11 +1311,42 @@ def test_checkov_runs_the_repositorys_container_app_policies(
     for check in checkov_terraform["results"]["passed_checks"]:
         passed.setdefault(check["check_id"], set()).add(check["resource"])
     policies = sorted(p.stem for p in (TF / "checkov").glob("*.yaml"))
-    assert len(policies) == 4
-    apps = {
-        f'module.executor_region["{r}"].azurerm_container_app.this'
-        for r in ("us-east", "eu-west", "asia-pacific")
-    } | {"module.dispatcher.azurerm_container_app.this"}
-    for check_id in ("CKV2_ES_1", "CKV2_ES_2", "CKV2_ES_3"):
+    assert len(policies) == 8
+    regions = ("us-east", "eu-west", "asia-pacific")
+
+    def everywhere(rtype: str) -> set[str]:
+        return {f'module.executor_region["{r}"].{rtype}.this' for r in regions} | {
+            f"module.dispatcher.{rtype}.this"
+        }
+
+    apps = everywhere("azurerm_container_app")
+    for check_id in ("CKV2_ES_1", "CKV2_ES_2", "CKV2_ES_3", "CKV2_ES_6", "CKV2_ES_7"):
         assert passed.get(check_id, set()) == apps, check_id
     assert passed["CKV2_ES_4"] == {"azurerm_container_registry.this"}
+    assert passed["CKV2_ES_5"] == everywhere("azurerm_container_app_environment")
+    assert passed["CKV2_ES_8"] == {"module.dispatcher.azurerm_postgresql_flexible_server.this"}
+
+
+def test_checkov_policies_refuse_the_unfixed_configuration(tmp_path: Path) -> None:
+    """The policies bite: on Terraform written as it was before issue 16 (no wait after
+    the role, no workload profile, 3 s probes, a fixed server name) each one fails."""
+    unfixed = Path(__file__).parent / "fixtures" / "unfixed"
+    report = run_checkov(
+        [
+            "-d",
+            str(unfixed),
+            "--framework",
+            "terraform",
+            "--external-checks-dir",
+            str(TF / "checkov"),
+            "--check",
+            "CKV2_ES_5,CKV2_ES_6,CKV2_ES_7,CKV2_ES_8",
+        ]
+    )
+    failed = {(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]}
+    assert failed == {
+        ("CKV2_ES_5", "azurerm_container_app_environment.this"),
+        ("CKV2_ES_6", "azurerm_container_app.this"),
+        ("CKV2_ES_7", "azurerm_container_app.this"),
+        ("CKV2_ES_8", "azurerm_postgresql_flexible_server.this"),
+    }

@@ -38,13 +38,22 @@ resource "azurerm_virtual_network" "this" {
   tags                = local.tags
 }
 
-# A Consumption-only Container Apps environment needs a /23 of its own, not delegated.
+# A workload-profiles Container Apps environment needs a subnet of its own
+# (/27 or larger; this is a /23), delegated to Microsoft.App/environments.
 resource "azurerm_subnet" "apps" {
   #checkov:skip=CKV2_AZURE_31:The Container Apps platform manages this subnet's load balancer and rules; an NSG here must re-allow the platform's own traffic and adds nothing the ingress (HTTPS only) does not enforce.
   name                 = "snet-apps"
   resource_group_name  = azurerm_resource_group.this.name
   virtual_network_name = azurerm_virtual_network.this.name
   address_prefixes     = [cidrsubnet(var.vnet_address_space, 1, 0)]
+
+  delegation {
+    name = "container-apps"
+    service_delegation {
+      name    = "Microsoft.App/environments"
+      actions = ["Microsoft.Network/virtualNetworks/subnets/join/action"]
+    }
+  }
 }
 
 resource "azurerm_subnet" "postgres" {
@@ -88,9 +97,17 @@ resource "random_password" "postgres_admin" {
   min_numeric = 2
 }
 
+# Flexible Server names are global (<name>.postgres.database.azure.com): a
+# random suffix keeps two deployments, or a re-create, apart.
+resource "random_string" "postgres_suffix" {
+  length  = 6
+  upper   = false
+  special = false
+}
+
 resource "azurerm_postgresql_flexible_server" "this" {
   #checkov:skip=CKV2_AZURE_57:Private access by VNet integration (delegated subnet, private DNS zone, public access off); Flexible Server cannot have private endpoints when it is VNet-integrated.
-  name                          = "psql-${var.name_prefix}-dispatcher"
+  name                          = "psql-${var.name_prefix}-dispatcher-${random_string.postgres_suffix.result}"
   resource_group_name           = azurerm_resource_group.this.name
   location                      = var.location
   version                       = var.postgres_version
@@ -111,6 +128,7 @@ resource "azurerm_postgresql_flexible_server" "this" {
   }
 
   lifecycle {
+    # null zone: Azure picks one (and none where the location has no zones).
     # Azure may move the server to another zone after a failover.
     ignore_changes = [zone]
   }
@@ -135,6 +153,12 @@ resource "azurerm_container_app_environment" "this" {
   logs_destination           = "log-analytics"
   log_analytics_workspace_id = azurerm_log_analytics_workspace.this.id
   tags                       = local.tags
+
+  # See modules/executor_region: Consumption billing, profiles addable later.
+  workload_profile {
+    name                  = "Consumption"
+    workload_profile_type = "Consumption"
+  }
 }
 
 resource "azurerm_user_assigned_identity" "this" {
@@ -151,6 +175,15 @@ resource "azurerm_role_assignment" "acr_pull" {
   principal_type       = "ServicePrincipal"
 }
 
+# See modules/executor_region: the image pull needs AcrPull to have propagated.
+resource "time_sleep" "role_propagation" {
+  create_duration = "${var.role_propagation_wait_s}s"
+
+  triggers = {
+    acr_pull = azurerm_role_assignment.acr_pull.id
+  }
+}
+
 # The key clients present to the dispatcher's job API.
 resource "random_password" "api_key" {
   length  = 48
@@ -161,6 +194,7 @@ resource "azurerm_container_app" "this" {
   name                         = local.app_name
   container_app_environment_id = azurerm_container_app_environment.this.id
   resource_group_name          = azurerm_resource_group.this.name
+  workload_profile_name        = "Consumption"
   revision_mode                = "Single"
   tags                         = local.tags
 
@@ -274,9 +308,11 @@ resource "azurerm_container_app" "this" {
         }
       }
 
+      # The regions file alone: the database URL and the keys stay env-only.
       volume_mounts {
-        name = "secrets"
-        path = local.secrets_mount
+        name     = "secrets"
+        path     = "${local.secrets_mount}/regions-toml"
+        sub_path = "regions-toml"
       }
 
       startup_probe {
@@ -288,12 +324,14 @@ resource "azurerm_container_app" "this" {
         failure_count_threshold = 30
       }
 
+      # The API's gunicorn workers also serve batch uploads and result
+      # exports, which can take seconds: a probe answered late is a success.
       readiness_probe {
         transport               = "HTTP"
         path                    = "/health"
         port                    = var.port
         interval_seconds        = 5
-        timeout                 = 3
+        timeout                 = 30
         failure_count_threshold = 3
         success_count_threshold = 1
       }
@@ -303,7 +341,7 @@ resource "azurerm_container_app" "this" {
         path                    = "/health"
         port                    = var.port
         interval_seconds        = 10
-        timeout                 = 5
+        timeout                 = 30
         failure_count_threshold = 6
       }
     }
@@ -325,7 +363,7 @@ resource "azurerm_container_app" "this" {
   }
 
   depends_on = [
-    azurerm_role_assignment.acr_pull,
+    time_sleep.role_propagation,
     azurerm_postgresql_flexible_server_database.this,
   ]
 }

@@ -108,9 +108,14 @@ variable "postgres_storage_mb" {
 }
 
 variable "postgres_zone" {
-  description = "Availability zone of the database server."
+  description = "Availability zone of the database server; null lets Azure choose (required in locations without zones)."
   type        = string
-  default     = "1"
+  default     = null
+
+  validation {
+    condition     = var.postgres_zone == null || contains(["1", "2", "3"], coalesce(var.postgres_zone, "none"))
+    error_message = "postgres_zone must be null, \"1\", \"2\" or \"3\"."
+  }
 }
 
 variable "vnet_address_space" {
@@ -120,7 +125,18 @@ variable "vnet_address_space" {
 }
 
 variable "log_retention_days" {
-  description = "Log Analytics retention."
+  description = "Log Analytics retention (30 to 730 days)."
   type        = number
   default     = 30
+
+  validation {
+    condition     = var.log_retention_days >= 30 && var.log_retention_days <= 730 && floor(var.log_retention_days) == var.log_retention_days
+    error_message = "log_retention_days must be a whole number from 30 to 730."
+  }
+}
+
+variable "role_propagation_wait_s" {
+  description = "Seconds to wait after the AcrPull assignment before creating the app."
+  type        = number
+  default     = 300
 }

@@ -10,5 +10,9 @@ terraform {
       source  = "hashicorp/random"
       version = ">= 3.6, < 4.0"
     }
+    time = {
+      source  = "hashicorp/time"
+      version = ">= 0.12, < 1.0"
+    }
   }
 }

@@ -8,25 +8,48 @@ locals {
   # Model calls one worker process admits at once (ES_MAX_IN_FLIGHT): its
   # threads under gthread, the admission limit under gevent.
   calls_per_worker = var.worker_class == "gevent" ? var.gevent_max_in_flight : var.threads
-  # What one replica serves at once. The HTTP scale rule adds a replica when
-  # the average replica has this many requests in flight, i.e. exactly when
-  # the next request would be answered 503 by the admission limit.
+  # What one replica serves at once (C); beyond it the replica answers 503
+  # (gevent) or queues in its listen backlog (gthread).
   concurrent_requests = var.workers * local.calls_per_worker
+
+  # The HTTP scale rule's "concurrent requests" is, in Azure's definition,
+  # the requests of the past 15 s divided by 15: an arrival rate (requests/s),
+  # not calls in flight. By Little's law a replica with C slots and model
+  # latency L (s) completes at most C / L requests/s, so the rule must add a
+  # replica before the rate per replica reaches C / L, with headroom
+  # (utilisation u < 1) for the time a new replica takes to start:
+  #   target = max(1, floor(u * C / L))
+  # docs/deploy.md ("Scaling") derives it and says what it does not cover.
+  scale_target = max(1, floor(var.scale_utilisation * local.concurrent_requests / var.model_latency_s))
 
   # Gunicorn gives in-flight calls graceful_timeout seconds after SIGTERM, then
   # kills its workers and exits; the platform waits a little longer before
   # SIGKILL so the master's own exit is never cut short.
   termination_grace_period_s = var.graceful_timeout_s + 5
 
-  # /health is answered by a worker thread: when every thread is busy with a
-  # long model call the probe waits. Restart only once the probe has failed
-  # for longer than gunicorn's own worker timeout (which already restarts a
-  # stuck worker); a busy replica is not a dead one.
+  # Probes and model calls share gunicorn's workers. /ready and /health cost a
+  # flag check, nothing else; what a probe can wait for is a free slot. Under
+  # gevent a worker answers it at once, beside its model calls. Under gthread
+  # (a worker accepts only as many connections as it has threads) a probe
+  # waits in the listen backlog until one call ends, at worst the server-side
+  # cap on one call (ES_TIMEOUT_CAP_S). So a probe's timeout outlasts that
+  # cap: a busy replica answers slowly, which is a success, not a failure.
+  # Failures are then only real ones: 503 while draining (answered at once)
+  # or no call ending for a whole cap, i.e. a stuck replica.
+  probe_timeout_s = min(240, ceil(var.timeout_cap_s) + 10)
+  # Readiness: two failed probes 5 s apart take a draining replica (503 at
+  # once) out of rotation within about 10 s.
+  readiness_interval_s = 5
+  readiness_failures   = 2
+  # Liveness: a restart needs three probes in a row without an answer for
+  # probe_timeout_s each (minutes), long after gunicorn's own worker timeout
+  # has restarted a stuck worker; a busy replica is never restarted.
   liveness_interval_s = 10
-  liveness_failures   = min(10, ceil(var.worker_timeout_s / local.liveness_interval_s) + 2)
+  liveness_failures   = 3
 
-  # Secrets are mounted as files here when a catalog is supplied (one file per
-  # secret, named after it); ES_CATALOG names the catalog's file.
+  # Only the catalog is a file; it is mounted alone (sub_path), so the other
+  # secrets (the API key, the Sentry DSN, provider keys) exist only as the
+  # environment variables that name them, never as files.
   secrets_mount   = "/etc/executor-service/secrets"
   catalog_secret  = "catalog-toml"
   mount_secrets   = var.catalog_toml != null
@@ -53,6 +76,11 @@ resource "azurerm_log_analytics_workspace" "this" {
   tags                = local.tags
 }
 
+# A workload-profiles environment with only the built-in Consumption profile:
+# billed like Consumption-only, but dedicated profiles (more memory or CPU per
+# replica for bigger local models) can be added later in place. An
+# environment created without a profile can never get one without being
+# recreated (docs/deploy.md, "Workload profile").
 resource "azurerm_container_app_environment" "this" {
   name                       = "cae-${var.name_prefix}-${var.region}"
   location                   = var.location
@@ -60,6 +88,11 @@ resource "azurerm_container_app_environment" "this" {
   logs_destination           = "log-analytics"
   log_analytics_workspace_id = azurerm_log_analytics_workspace.this.id
   tags                       = local.tags
+
+  workload_profile {
+    name                  = "Consumption"
+    workload_profile_type = "Consumption"
+  }
 }
 
 # The app pulls its image with this identity: no registry admin user and no
@@ -88,10 +121,24 @@ resource "azurerm_role_assignment" "key_vault_secrets" {
   principal_type       = "ServicePrincipal"
 }
 
+# A new role assignment takes minutes to reach the registry and Key Vault.
+# Without this wait the first revision's image pull is refused and the
+# create runs until it times out (a known Container Apps problem). Replaced,
+# and so waited for again, whenever a role assignment is recreated.
+resource "time_sleep" "role_propagation" {
+  create_duration = "${var.role_propagation_wait_s}s"
+
+  triggers = {
+    acr_pull          = azurerm_role_assignment.acr_pull.id
+    key_vault_secrets = join(",", azurerm_role_assignment.key_vault_secrets[*].id)
+  }
+}
+
 resource "azurerm_container_app" "this" {
   name                         = local.app_name
   container_app_environment_id = azurerm_container_app_environment.this.id
   resource_group_name          = azurerm_resource_group.this.name
+  workload_profile_name        = "Consumption"
   # One revision at a time: a new image tag makes a new revision, which takes
   # the traffic once its readiness probe passes; the old one is then stopped.
   revision_mode          = "Single"
@@ -175,8 +222,8 @@ resource "azurerm_container_app" "this" {
     termination_grace_period_seconds = local.termination_grace_period_s
 
     http_scale_rule {
-      name                = "in-flight-calls"
-      concurrent_requests = tostring(local.concurrent_requests)
+      name                = "request-rate"
+      concurrent_requests = tostring(local.scale_target)
     }
 
     dynamic "volume" {
@@ -216,6 +263,10 @@ resource "azurerm_container_app" "this" {
       env {
         name  = "GUNICORN_GRACEFUL_TIMEOUT"
         value = tostring(var.graceful_timeout_s)
+      }
+      env {
+        name  = "ES_TIMEOUT_CAP_S"
+        value = tostring(var.timeout_cap_s)
       }
       env {
         name  = "ES_MAX_IN_FLIGHT"
@@ -262,11 +313,13 @@ resource "azurerm_container_app" "this" {
         }
       }
 
+      # The catalog file alone, at the path ES_CATALOG names.
       dynamic "volume_mounts" {
         for_each = local.mount_secrets ? ["secrets"] : []
         content {
-          name = volume_mounts.value
-          path = local.secrets_mount
+          name     = volume_mounts.value
+          path     = "${local.secrets_mount}/${local.catalog_secret}"
+          sub_path = local.catalog_secret
         }
       }
 
@@ -282,14 +335,15 @@ resource "azurerm_container_app" "this" {
       }
 
       # /ready turns 503 while models load and as soon as SIGTERM starts the
-      # drain, so a replica leaves the rotation before it stops.
+      # drain, so a replica leaves the rotation before it stops. See
+      # probe_timeout_s above for why a busy replica passes it.
       readiness_probe {
         transport               = "HTTP"
         path                    = "/ready"
         port                    = var.port
-        interval_seconds        = 5
-        timeout                 = 3
-        failure_count_threshold = 2
+        interval_seconds        = local.readiness_interval_s
+        timeout                 = local.probe_timeout_s
+        failure_count_threshold = local.readiness_failures
         success_count_threshold = 1
       }
 
@@ -298,7 +352,7 @@ resource "azurerm_container_app" "this" {
         path                    = "/health"
         port                    = var.port
         interval_seconds        = local.liveness_interval_s
-        timeout                 = 5
+        timeout                 = local.probe_timeout_s
         failure_count_threshold = local.liveness_failures
       }
     }
@@ -328,14 +382,24 @@ resource "azurerm_container_app" "this" {
       error_message = "graceful_timeout_s + 5 must not exceed 600 s, the Container Apps maximum."
     }
     precondition {
-      condition     = local.liveness_interval_s * local.liveness_failures > var.worker_timeout_s
-      error_message = "The liveness probe must tolerate a busy replica longer than gunicorn's worker timeout."
+      condition     = var.timeout_cap_s < var.worker_timeout_s
+      error_message = "timeout_cap_s must be below worker_timeout_s, so a slow call gets a 504 before gunicorn kills its worker."
+    }
+    precondition {
+      condition     = local.probe_timeout_s > var.timeout_cap_s
+      error_message = "The probes' timeout must outlast one model call (timeout_cap_s, at most 230 s): a busy replica answers them slowly."
+    }
+    precondition {
+      condition     = local.liveness_failures * local.probe_timeout_s > var.worker_timeout_s
+      error_message = "The liveness probe must give up later than gunicorn's worker timeout."
+    }
+    precondition {
+      condition     = var.sentry_dsn_key_vault_secret_id == null || var.key_vault_id != null
+      error_message = "sentry_dsn_key_vault_secret_id needs key_vault_id: without it no identity is granted 'Key Vault Secrets User' and the secret reference fails."
     }
   }
 
-  # The image pull and the Key Vault reference need the roles to exist first.
-  depends_on = [
-    azurerm_role_assignment.acr_pull,
-    azurerm_role_assignment.key_vault_secrets,
-  ]
+  # The image pull and the Key Vault reference need the roles to have
+  # propagated, not just to exist.
+  depends_on = [time_sleep.role_propagation]
 }

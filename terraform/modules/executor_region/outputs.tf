@@ -19,13 +19,18 @@ output "latest_revision_name" {
 }
 
 output "outbound_ip_addresses" {
-  description = "Addresses the executor calls remote providers from (for their allow-lists)."
+  description = "Addresses the executor calls remote providers from (for their allow-lists); not static without a VNet and NAT gateway (docs/deploy.md)."
   value       = azurerm_container_app.this.outbound_ip_addresses
 }
 
 output "concurrent_requests" {
   description = "Calls one replica serves at once (workers x calls per worker); the scale rule's target."
   value       = local.concurrent_requests
+}
+
+output "scale_target" {
+  description = "The HTTP scale rule's target: requests/s per replica, max(1, floor(u x C / latency))."
+  value       = local.scale_target
 }
 
 output "max_replicas" {

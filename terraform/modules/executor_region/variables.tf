@@ -6,9 +6,12 @@ variable "region" {
   description = "Region name as the dispatcher knows it (ES_REGION, the key in the regions file), e.g. us-east."
   type        = string
 
+  # Azure's rule for container app and environment names: lowercase
+  # letters, digits and single hyphens, starting with a letter, not ending
+  # with a hyphen. 16 characters keep "cae-<prefix>-<region>" within 32.
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{0,15}$", var.region))
-    error_message = "region must be lowercase letters, digits and '-', at most 16 characters (it is part of Azure resource names)."
+    condition     = can(regex("^[a-z][a-z0-9]*(-[a-z0-9]+)*$", var.region)) && length(var.region) <= 16
+    error_message = "region must be lowercase letters, digits and single hyphens, start with a letter, not end with a hyphen, at most 16 characters (it is part of Azure resource names)."
   }
 }
 
@@ -85,6 +88,14 @@ variable "provider_secrets" {
   type        = map(string)
   default     = {}
   sensitive   = true
+
+  # Each becomes the secret lower(replace(NAME, "_", "-")): it must be a valid
+  # secret name and not one of this module's own (api-keys, sentry-dsn,
+  # catalog-toml), and the env var must not be one this module sets.
+  validation {
+    condition     = alltrue([for name in keys(var.provider_secrets) : can(regex("^[A-Z]([A-Z0-9_]*[A-Z0-9])?$", name)) && !contains(["api-keys", "sentry-dsn", "catalog-toml"], lower(replace(name, "_", "-"))) && !contains(["PORT", "WEB_CONCURRENCY", "SENTRY_DSN"], name) && !startswith(name, "ES_") && !startswith(name, "GUNICORN_")])
+    error_message = "provider_secrets names must be environment variable names (A-Z, 0-9, _, not ending with _) and must not be API_KEYS, SENTRY_DSN, CATALOG_TOML, PORT, WEB_CONCURRENCY or start with ES_ or GUNICORN_ (names this module uses)."
+  }
 }
 
 variable "models" {
@@ -137,6 +148,40 @@ variable "gevent_max_in_flight" {
   default     = 250 # executor_service/gunicorn_config.py GEVENT_MAX_IN_FLIGHT
 }
 
+variable "timeout_cap_s" {
+  description = "ES_TIMEOUT_CAP_S: server-side cap on one model call (504 beyond it); below worker_timeout_s. The probes' timeout is derived from it."
+  type        = number
+  default     = 50 # executor_service/config.py Settings.timeout_cap_s
+}
+
+variable "model_latency_s" {
+  description = "Mean latency of one model call under full load (seconds), measured (executor_model_seconds); the scale rule's target is derived from it."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.model_latency_s > 0
+    error_message = "model_latency_s must be > 0."
+  }
+}
+
+variable "scale_utilisation" {
+  description = "Fraction of a replica's throughput (C / latency) at which the scale rule adds a replica; the rest is headroom while a new replica starts."
+  type        = number
+  default     = 0.8
+
+  validation {
+    condition     = var.scale_utilisation > 0 && var.scale_utilisation <= 1
+    error_message = "scale_utilisation must be in (0, 1]."
+  }
+}
+
+variable "role_propagation_wait_s" {
+  description = "Seconds to wait after the role assignments before creating the app (Azure: propagation takes up to a few minutes)."
+  type        = number
+  default     = 300
+}
+
 variable "worker_timeout_s" {
   description = "GUNICORN_TIMEOUT: a worker silent this long is killed and restarted."
   type        = number
@@ -185,7 +230,12 @@ variable "allowed_cidrs" {
 }
 
 variable "log_retention_days" {
-  description = "Log Analytics retention."
+  description = "Log Analytics retention (30 to 730 days, PerGB2018)."
   type        = number
   default     = 30
+
+  validation {
+    condition     = var.log_retention_days >= 30 && var.log_retention_days <= 730 && floor(var.log_retention_days) == var.log_retention_days
+    error_message = "log_retention_days must be a whole number from 30 to 730."
+  }
 }

@@ -6,5 +6,9 @@ terraform {
       source  = "hashicorp/azurerm"
       version = ">= 4.40, < 5.0"
     }
+    time = {
+      source  = "hashicorp/time"
+      version = ">= 0.12, < 1.0"
+    }
   }
 }
