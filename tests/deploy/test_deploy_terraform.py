@@ -919,7 +919,7 @@ def test_provider_secrets_cannot_collide_with_the_modules_own(
     own = {s["name"] for s in app["secret"]} | {"sentry-dsn", region.locals["catalog_secret"]}
     assert own == {"api-keys", "sentry-dsn", "catalog-toml"}
     condition = region.variables["provider_secrets"]["validation"][0]["condition"]
-    assert all(f'"{name}"' in condition for name in own)
+    assert all(f'"{secret}"' in condition for secret in own)
     if accepted:
         assert re.fullmatch(r"[a-z0-9]([a-z0-9-.]*[a-z0-9])?", name.lower().replace("_", "-"))
 

@@ -41,9 +41,10 @@ locals {
   # once) out of rotation within about 10 s.
   readiness_interval_s = 5
   readiness_failures   = 2
-  # Liveness: a restart needs three probes in a row without an answer for
-  # probe_timeout_s each (minutes), long after gunicorn's own worker timeout
-  # has restarted a stuck worker; a busy replica is never restarted.
+  # Liveness: a restart needs three failed probes in a row: refused (about
+  # 30 s when nothing listens) or unanswered for probe_timeout_s each (3 min),
+  # long after gunicorn's own worker timeout has restarted a stuck worker; a
+  # busy replica answers, late, and is not restarted.
   liveness_interval_s = 10
   liveness_failures   = 3
 
