@@ -155,7 +155,7 @@ variable "timeout_cap_s" {
 }
 
 variable "model_latency_s" {
-  description = "Mean latency of one model call under full load (seconds), measured (executor_model_seconds); the scale rule's target is derived from it."
+  description = "Mean time of one /execute call under full load (seconds), measured (executor_request_seconds); the scale rule's target is derived from it."
   type        = number
   default     = 2
 
