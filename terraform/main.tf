@@ -12,6 +12,7 @@ locals {
   # "East US" and "eastus" for the same location, and so must this
   # comparison: a replica in the registry's own location is refused.
   registry_home = lower(replace(var.registry_location, " ", ""))
+
   registry_replica_locations = toset([
     for location in distinct([for r in values(var.regions) : lower(replace(r.location, " ", ""))]) : location
     if location != local.registry_home
