@@ -87,6 +87,12 @@ class ValidationFailed(APIError):
     status, code = 422, "validation_error"
 
 
+class RateLimited(APIError):
+    """The model provider refused for rate; retry after the delay in Retry-After."""
+
+    status, code = 429, "rate_limited"
+
+
 class Overloaded(APIError):
     """The server is at capacity; retry after the delay in Retry-After."""
 
@@ -135,6 +141,7 @@ _HTTP_TO_API: dict[int, type[APIError]] = {
     409: Conflict,
     413: PayloadTooLarge,
     422: ValidationFailed,
+    429: RateLimited,
     503: Overloaded,
 }
 

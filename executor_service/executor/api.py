@@ -12,12 +12,13 @@ import sentry_sdk
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_smorest import Blueprint
 
-from ..errors import ModelTimeout, NotReady, ProviderError, UnknownModel, ValidationFailed
+from ..errors import NotReady, UnknownModel
 from .admission import Admission
 from .catalog import Catalog
 from .config import ExecutorSettings
 from .metrics import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
-from .providers import Call, ProviderFailure, ProviderRejected, ProviderTimeout
+from .provider_errors import api_error
+from .providers import Call, ProviderFailure, ProviderTimeout
 from .schemas import ExecuteRequestSchema, ExecuteResponseSchema, ModelListSchema
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ def _request_id(body: dict[str, Any]) -> str:
 @blp.arguments(ExecuteRequestSchema())
 @blp.response(200, ExecuteResponseSchema())
 @blp.alt_response(404, description="unknown_model")
+@blp.alt_response(
+    429,
+    description="rate_limited: the provider refused for rate; retry after Retry-After "
+    "seconds (details: provider_status, retry_after_s, ratelimit remaining/reset)",
+)
 @blp.alt_response(503, description="overloaded: retry after Retry-After seconds")
 @blp.alt_response(504, description="model_timeout")
 @blp.alt_response(502, description="provider_error")
@@ -84,22 +90,10 @@ def execute(body: dict[str, Any]) -> Response:
         model_started = time.monotonic()
         try:
             completion = provider.complete(call)
-        except ProviderTimeout as exc:
-            raise ModelTimeout(
-                f"model {model!r} did not answer within {budget:g} s",
-                details={"timeout_s": budget, "reason": str(exc)},
-            ) from None
-        except ProviderRejected as exc:
+        except (ProviderTimeout, ProviderFailure) as exc:
             field = "messages" if body.get("messages") else "prompt"
-            raise ValidationFailed(details={field: [exc.message]}) from None
-        except ProviderFailure as exc:
-            headers = {}
-            details: dict[str, Any] = {"provider": provider.kind, "provider_status": exc.status}
-            if exc.retry_after_s is not None:
-                details["retry_after_s"] = exc.retry_after_s
-                headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-            raise ProviderError(
-                f"provider {provider.kind} failed: {exc.message}", details=details, headers=headers
+            raise api_error(
+                exc, provider=provider.kind, model=model, timeout_s=budget, field=field
             ) from None
         finally:
             MODEL_SECONDS.labels(model).observe(time.monotonic() - model_started)

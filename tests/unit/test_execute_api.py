@@ -133,12 +133,13 @@ def test_provider_failure_is_502_with_provider_status(client: FlaskClient) -> No
     assert err["details"] == {"provider": "simulated", "provider_status": 500}
 
 
-def test_provider_rate_limit_carries_retry_after(client: FlaskClient) -> None:
+def test_provider_rate_limit_is_429_rate_limited_with_retry_after(client: FlaskClient) -> None:
     r = client.post("/execute", json={"model": "sim-429", "prompt": "x"})
-    err = assert_error(r, 502, "provider_error")
+    err = assert_error(r, 429, "rate_limited")
     assert err["details"]["provider_status"] == 429
     assert err["details"]["retry_after_s"] == 7
     assert r.headers["Retry-After"] == "7"
+    assert r.headers["retry-after-ms"] == "7000"
 
 
 def test_deadline_gives_504(client: FlaskClient) -> None:

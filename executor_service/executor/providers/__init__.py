@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Call, Completion, Provider, ProviderFailure, ProviderRejected, ProviderTimeout
+from .base import (
+    Call,
+    Completion,
+    Provider,
+    ProviderFailure,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+)
 
 __all__ = [
     "Call",
     "Completion",
     "Provider",
     "ProviderFailure",
+    "ProviderRateLimited",
     "ProviderRejected",
     "ProviderTimeout",
     "create_provider",

@@ -10,7 +10,10 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .ratelimit import RateLimitInfo
 
 from ...exceptions import ExecutorServiceError
 
@@ -58,6 +61,22 @@ class ProviderFailure(ExecutorServiceError):
 class ProviderRejected(ProviderFailure):
     """The provider refused this request as invalid (e.g. a prompt longer than the
     model's context): the client's fault, so no retry anywhere can succeed."""
+
+
+class ProviderRateLimited(ProviderFailure):
+    """The provider refused for rate ("not now"): HTTP 429 with, when it said so, how
+    long to wait and its ``x-ratelimit-*`` remaining/reset values. The executor answers
+    its own 429 ``rate_limited`` with them; the dispatcher defers, it does not fail."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        limits: RateLimitInfo | None = None,
+    ) -> None:
+        super().__init__(message, status=429, retry_after_s=retry_after_s)
+        self.limits = limits
 
 
 class Provider(ABC):

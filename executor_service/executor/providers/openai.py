@@ -19,7 +19,9 @@ Options (catalog keys):
 
 Failures map onto the provider interface: the deadline passing while waiting
 for the answer is :class:`ProviderTimeout`; an unreachable endpoint, an HTTP
-error or an unreadable answer is :class:`ProviderFailure`. There are no
+error or an unreadable answer is :class:`ProviderFailure`; a 429 is
+:class:`ProviderRateLimited`, carrying Retry-After (or ``retry-after-ms``) and the
+upstream's ``x-ratelimit-*`` remaining/reset values. There are no
 retries here: retrying (with backoff, honouring Retry-After) is the
 dispatcher's job, and a hidden retry would spend the caller's deadline twice.
 """
@@ -39,7 +41,8 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from ...config import ConfigError
-from .base import Call, Completion, Provider, ProviderFailure, ProviderTimeout
+from .base import Call, Completion, Provider, ProviderFailure, ProviderRateLimited, ProviderTimeout
+from .ratelimit import limits_from_headers
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +272,13 @@ class OpenAIProvider(Provider):
             retry_after = ms / 1000 if ms is not None else None
         excerpt = self._redact(_error_excerpt(response))
         reason = f" {response.reason}" if response.reason else ""
+        if response.status_code == 429:
+            limits = limits_from_headers(response.headers)
+            return ProviderRateLimited(
+                f"upstream answered HTTP 429{reason}: {excerpt}",
+                retry_after_s=retry_after if retry_after is not None else limits.wait_s(),
+                limits=None if limits.empty else limits,
+            )
         return ProviderFailure(
             f"upstream answered HTTP {response.status_code}{reason}: {excerpt}",
             status=response.status_code,

@@ -9,15 +9,40 @@ Options (catalog keys):
     status           the HTTP status a 5xx failure reports (default 503)
     retry_after_s    Retry-After a 429 reports (default 1)
     output           the answer; "{prompt}" is replaced by the last message (default echoes it)
+
+Rate-limit mode (a real provider's limit, not random failures):
+    rpm, tpm         requests and tokens per ``rate_window_s`` (either or both); beyond
+                     them the call is refused at once with a 429, Retry-After (the time
+                     until it would fit) and OpenAI's x-ratelimit-* values. A call costs
+                     its prompt (characters / 4) plus max_tokens when admitted; its real
+                     usage is settled after the answer (unused tokens come back)
+    rate_window_s    the window of rpm and tpm (default 60; tests use a few seconds)
+    rate_state_file  a file that holds the bucket: every process naming it shares one
+                     limit (a replica's gunicorn workers, as at a provider deployment);
+                     without it each worker process has its own bucket
+    rate_log         a file that gets one line per arrival, "<unix time> <1|0 admitted>
+                     <tokens charged>", so tests and benchmarks count at "the provider"
 """
 
 from __future__ import annotations
 
+import math
+import os
 import random
 import time
+from pathlib import Path
 from typing import Any
 
-from .base import Call, Completion, Provider, ProviderFailure, ProviderTimeout
+from .base import (
+    Call,
+    Completion,
+    Provider,
+    ProviderFailure,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+)
+from .ratelimit import TokenBucket
 
 ERROR_KINDS = ("timeout", "5xx", "429", "exception")
 
@@ -42,13 +67,70 @@ class SimulatedProvider(Provider):
         if self.latency_min_s < 0 or self.latency_max_s < self.latency_min_s:
             raise ValueError(f"simulated model {model!r}: bad latency range")
         self._random = random.Random(options.get("random_seed"))
+        rpm, tpm = options.get("rpm"), options.get("tpm")
+        self.bucket: TokenBucket | None = None
+        if rpm is not None or tpm is not None:
+            state_file = options.get("rate_state_file")
+            try:
+                self.bucket = TokenBucket(
+                    None if rpm is None else int(rpm),
+                    None if tpm is None else int(tpm),
+                    float(options.get("rate_window_s", 60.0)),
+                    state_file=Path(state_file) if state_file else None,
+                )
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"simulated model {model!r}: bad rate limit: {exc}") from None
+        log = options.get("rate_log")
+        self.rate_log = Path(log) if log else None
 
     def _latency(self) -> float:
         if self.latency_max_s == self.latency_min_s:
             return self.latency_min_s
         return self._random.uniform(self.latency_min_s, self.latency_max_s)
 
+    @staticmethod
+    def estimated_tokens(call: Call) -> int:
+        """What a call costs at admission: its prompt (characters / 4) plus max_tokens."""
+        chars = sum(len(m["content"]) for m in call.messages)
+        return math.ceil(chars / 4) + call.max_tokens
+
+    def _log_arrival(self, admitted: bool, cost: int) -> None:
+        if self.rate_log is None:
+            return
+        line = f"{time.time():.6f} {int(admitted)} {cost}\n".encode()
+        fd = os.open(self.rate_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)  # one small O_APPEND write: whole lines across processes
+        finally:
+            os.close(fd)
+
+    def _admit(self, call: Call) -> int:
+        """Take the call's cost from the bucket, or raise the 429 a provider would."""
+        assert self.bucket is not None
+        cost = self.estimated_tokens(call)
+        admission = self.bucket.acquire(cost)
+        self._log_arrival(admission.admitted, cost)
+        if admission.too_large:
+            raise ProviderRejected(
+                f"request of {cost} tokens is larger than the limit of "
+                f"{self.bucket.tpm} tokens per {self.bucket.window_s:g} s"
+            )
+        if not admission.admitted:
+            raise ProviderRateLimited(
+                "simulated rate limit reached",
+                retry_after_s=admission.retry_after_s,
+                limits=admission.info,
+            )
+        return cost
+
     def complete(self, call: Call) -> Completion:
+        charged = self._admit(call) if self.bucket is not None else 0
+        completion = self._complete(call)
+        if self.bucket is not None:
+            self.bucket.settle(charged, completion.prompt_tokens + completion.completion_tokens)
+        return completion
+
+    def _complete(self, call: Call) -> Completion:
         fail = self.error_rate > 0 and self._random.random() < self.error_rate
         if fail and self.error_kind == "timeout":
             time.sleep(max(0.0, call.remaining()))
@@ -61,9 +143,7 @@ class SimulatedProvider(Provider):
             time.sleep(latency)
         if fail:
             if self.error_kind == "429":
-                raise ProviderFailure(
-                    "simulated rate limit", status=429, retry_after_s=self.retry_after_s
-                )
+                raise ProviderRateLimited("simulated rate limit", retry_after_s=self.retry_after_s)
             if self.error_kind == "exception":
                 raise RuntimeError("simulated unexpected provider exception")
             raise ProviderFailure("simulated upstream error", status=self.status)
