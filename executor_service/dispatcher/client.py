@@ -1,12 +1,14 @@
 """The executor client: one pooled HTTP session per region, and the classification of
 every call's outcome into success, retryable or fatal.
 
-Retryable: the executor could not be reached or did not answer in time, or it
-answered 408, 429 or 5xx (503 overloaded, 502 provider_error, 504
-model_timeout); a Retry-After header (seconds or HTTP date) or the error's
-``details.retry_after_s`` is passed on as the backoff floor. Fatal: any other
-4xx (the request itself is wrong; repeating it cannot help), which
-dead-letters the execution.
+Deferred (backpressure, not failure: see ``pacing.py``): a 429 (the executor's
+``rate_limited``), any error whose ``details.provider_status`` is 429, and 503
+``overloaded``; the Retry-After and the provider's ``details.ratelimit`` values say
+how long to wait. Retryable: the executor could not be reached or did not answer
+in time, or it answered 408 or 5xx (502 provider_error, 504 model_timeout); a
+Retry-After header (seconds or HTTP date) or the error's ``details.retry_after_s``
+is passed on as the backoff floor. Fatal: any other 4xx (the request itself is
+wrong; repeating it cannot help), which dead-letters the execution.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from .pacing import is_backpressure
 from .regions import Region
 from .scheduler import CallVerdict
 
@@ -41,6 +44,7 @@ RETRYABLE_4XX = frozenset({408, 429})
 class Outcome(StrEnum):
     SUCCESS = "success"
     RETRYABLE = "retryable"  # try again later, maybe elsewhere
+    DEFERRED = "deferred"  # backpressure: not now (never an attempt, never a strike)
     FATAL = "fatal"  # dead-letter: the request is wrong
 
 
@@ -66,7 +70,7 @@ class CallResult:
             return CallVerdict.HEALTHY
         if self.outcome is Outcome.RETRYABLE:
             return CallVerdict.UNHEALTHY
-        return CallVerdict.NEUTRAL
+        return CallVerdict.NEUTRAL  # a deferral or a wrong request: the region is fine
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -130,8 +134,14 @@ def classify_response(
         error["provider_status"] = details["provider_status"]
     if retry_after is not None:
         error["retry_after_s"] = retry_after
-    retryable = status >= 500 or status in RETRYABLE_4XX
-    outcome = Outcome.RETRYABLE if retryable else Outcome.FATAL
+    if isinstance(details.get("ratelimit"), dict):
+        error["ratelimit"] = details["ratelimit"]
+    if is_backpressure(status, code, details.get("provider_status")):
+        outcome = Outcome.DEFERRED
+    elif status >= 500 or status in RETRYABLE_4XX:
+        outcome = Outcome.RETRYABLE
+    else:
+        outcome = Outcome.FATAL
     return CallResult(outcome, error=error, retry_after_s=retry_after, elapsed_s=elapsed_s)
 
 

@@ -9,6 +9,12 @@ A TOML file (``ES_REGIONS_FILE``) with one table per region::
     api_key_env = "ES_KEY_US_EAST"  # name of the env var holding that executor's key
     timeout_s = 60                  # per call, sent to the executor as timeout_s
 
+    [regions.us-east.limits."gpt-4o-mini"]   # optional, per model: the provider's limits
+    rpm = 300                       # requests per window, for all dispatchers together
+    tpm = 150000                    # tokens (prompt chars / 4 + max_tokens) per window
+    concurrency = 4                 # this model's calls in flight (default: the region's)
+    window_s = 60                   # the window of rpm and tpm (default 60: per minute)
+
 It is read and checked once at start; a mistake stops the process with a
 message naming the file, the region and the key, instead of surfacing as
 failed calls later.
@@ -21,12 +27,13 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..config import ConfigError
+from .pacing import Budget
 from .store.base import RegionSpec
 
 logger = logging.getLogger(__name__)
@@ -40,7 +47,10 @@ MAX_CONCURRENCY = 1024
 # The executor caps one call at 50 s by default; longer waits are almost always a typo.
 DEFAULT_TIMEOUT_S = 60.0
 MAX_TIMEOUT_S = 3600.0
-KNOWN_KEYS = frozenset({"url", "concurrency", "models", "api_key_env", "timeout_s"})
+KNOWN_KEYS = frozenset({"url", "concurrency", "models", "api_key_env", "timeout_s", "limits"})
+LIMIT_KEYS = frozenset({"rpm", "tpm", "concurrency", "window_s"})
+# A window longer than a day is a typo (rpm = per minute is the common case).
+MAX_WINDOW_S = 86400.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,17 @@ class Region:
     models: tuple[str, ...]
     api_key_env: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # model -> its limits here (rpm/tpm budgets, concurrency); a model absent is unlimited
+    limits: Mapping[str, Budget] = field(default_factory=dict)
+
+    def budget(self, model: str) -> Budget:
+        """The model's limits in this region (an empty Budget: none)."""
+        return self.limits.get(model, Budget())
+
+    def model_concurrency(self, model: str) -> int:
+        """The most calls of ``model`` in flight here (adaptive concurrency's ceiling)."""
+        cap = self.budget(model).concurrency
+        return self.concurrency if cap is None else min(cap, self.concurrency)
 
     def spec(self) -> RegionSpec:
         """What the store needs to claim for this region."""
@@ -194,6 +215,8 @@ def _region(name: str, table: Any, source: str) -> Region:
     ):
         raise ConfigError(f"{where}: timeout_s must be a number in (0, {MAX_TIMEOUT_S:g}]")
 
+    limits = _limits(table.get("limits", {}), models, where)
+
     return Region(
         name=name,
         url=url.rstrip("/"),
@@ -201,4 +224,42 @@ def _region(name: str, table: Any, source: str) -> Region:
         models=tuple(models),
         api_key_env=api_key_env,
         timeout_s=float(timeout_s),
+        limits=limits,
     )
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _limits(table: Any, models: list[str], where: str) -> dict[str, Budget]:
+    """``[regions.NAME.limits.MODEL]`` tables: rpm, tpm, concurrency, window_s."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: limits must be a table of [limits.MODEL] tables")
+    out: dict[str, Budget] = {}
+    for model, entry in table.items():
+        at = f"{where}: limits.{model}"
+        if model not in models:
+            raise ConfigError(f"{at}: {model!r} is not in this region's models")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at} must be a table (rpm, tpm, concurrency, window_s)")
+        unknown = set(entry) - LIMIT_KEYS
+        if unknown:
+            raise ConfigError(f"{at}: unknown keys {sorted(unknown)}; expected {sorted(LIMIT_KEYS)}")
+        for key in ("rpm", "tpm", "concurrency"):
+            if key in entry and not _positive_int(entry[key]):
+                raise ConfigError(f"{at}: {key} must be an integer >= 1, not {entry[key]!r}")
+        window = entry.get("window_s", 60.0)
+        if (
+            isinstance(window, bool)
+            or not isinstance(window, int | float)
+            or not 0 < window <= MAX_WINDOW_S
+        ):
+            raise ConfigError(f"{at}: window_s must be a number in (0, {MAX_WINDOW_S:g}]")
+        out[model] = Budget(
+            rpm=entry.get("rpm"),
+            tpm=entry.get("tpm"),
+            window_s=float(window),
+            concurrency=entry.get("concurrency"),
+        )
+    return out

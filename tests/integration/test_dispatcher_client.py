@@ -36,6 +36,12 @@ def _answers(scenario: str) -> Response:
     if scenario == "provider":
         details = {"provider_status": 429, "retry_after_s": 7.5}
         return _error("provider_error", 502, details, **{"Retry-After": "8"})
+    if scenario == "provider500":
+        return _error("provider_error", 502, {"provider_status": 500})
+    if scenario == "rate_limited":
+        limits = {"remaining_requests": 0, "reset_requests_s": 1.5, "limit_requests": 60}
+        details = {"provider_status": 429, "retry_after_s": 1.5, "ratelimit": limits}
+        return _error("rate_limited", 429, details, **{"Retry-After": "2"})
     if scenario == "model_timeout":
         return _error("model_timeout", 504, {"timeout_s": 1})
     if scenario == "unknown_model":
@@ -110,8 +116,7 @@ def test_success_sends_the_contract_and_returns_the_body(server: Server) -> None
 @pytest.mark.parametrize(
     ("scenario", "code", "status", "retry_after"),
     [
-        ("overloaded", "overloaded", 503, 2.0),
-        ("provider", "provider_error", 502, 7.5),  # details beat the rounded header
+        ("provider500", "provider_error", 502, None),
         ("model_timeout", "model_timeout", 504, None),
         ("r408", "http_408", 408, None),
     ],
@@ -124,13 +129,33 @@ def test_retryable_answers(
     assert result.verdict is CallVerdict.UNHEALTHY
     assert result.error["code"] == code and result.error["status"] == status
     assert result.retry_after_s == retry_after
-    if scenario == "provider":
+
+
+@pytest.mark.parametrize(
+    ("scenario", "code", "status", "retry_after"),
+    [
+        ("rate_limited", "rate_limited", 429, 1.5),  # details beat the rounded header
+        ("overloaded", "overloaded", 503, 2.0),
+        ("provider", "provider_error", 502, 7.5),  # an older executor's 502 for a 429
+    ],
+)
+def test_backpressure_is_deferred_and_never_unhealthy(
+    server: Server, scenario: str, code: str, status: int, retry_after: float
+) -> None:
+    result = call(server, scenario)
+    assert result.outcome is Outcome.DEFERRED
+    assert result.verdict is CallVerdict.NEUTRAL
+    assert result.error["code"] == code and result.error["status"] == status
+    assert result.retry_after_s == retry_after
+    if scenario != "overloaded":
         assert result.error["provider_status"] == 429
+    if scenario == "rate_limited":
+        assert result.error["ratelimit"]["reset_requests_s"] == 1.5
 
 
 def test_retry_after_as_http_date(server: Server) -> None:
     result = call(server, "r429date")
-    assert result.outcome is Outcome.RETRYABLE and result.error["status"] == 429
+    assert result.outcome is Outcome.DEFERRED and result.error["status"] == 429
     assert 25 <= result.retry_after_s <= 31
 
 

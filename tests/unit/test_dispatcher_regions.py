@@ -90,3 +90,55 @@ def test_file_level_mistakes(tmp_path: Path) -> None:
         Regions.from_mapping(
             {"regions": {"bad name": {"url": "http://x", "concurrency": 1, "models": ["a"]}}}
         )
+
+
+LIMITED = """
+[regions.r1]
+url = "http://x"
+concurrency = 8
+models = ["a", "b", "c"]
+
+[regions.r1.limits.a]
+rpm = 300
+tpm = 150000
+
+[regions.r1.limits.b]
+concurrency = 20
+window_s = 5
+rpm = 10
+"""
+
+
+def test_per_model_limits_load(tmp_path: Path) -> None:
+    path = tmp_path / "regions.toml"
+    path.write_text(LIMITED)
+    r1 = Regions.load(path)["r1"]
+    a, b, c = r1.budget("a"), r1.budget("b"), r1.budget("c")
+    assert (a.rpm, a.tpm, a.window_s, a.concurrency) == (300, 150000, 60.0, None)
+    assert (b.rpm, b.tpm, b.window_s) == (10, None, 5.0)
+    assert not c.limited
+    # a model's concurrency never exceeds its region's
+    assert (r1.model_concurrency("a"), r1.model_concurrency("b")) == (8, 8)
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ("[regions.r1.limits.z]\nrpm = 1", "not in this region's models"),
+        ("[regions.r1.limits.a]\nrpm = 0", "rpm must be an integer"),
+        ("[regions.r1.limits.a]\ntpm = 1.5", "tpm must be an integer"),
+        ("[regions.r1.limits.a]\nrpn = 5", "unknown keys"),
+        ("[regions.r1.limits.a]\nwindow_s = 0", "window_s"),
+        ("[regions.r1]\nlimits = 3", "limits must be a table"),
+    ],
+)
+def test_limit_mistakes_are_refused(tmp_path: Path, limits: str, message: str) -> None:
+    base = '[regions.r1]\nurl = "http://x"\nconcurrency = 1\nmodels = ["a"]\n'
+    if limits.startswith("[regions.r1]\n"):
+        text = base + limits.removeprefix("[regions.r1]\n")
+    else:
+        text = base + limits
+    path = tmp_path / "regions.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        Regions.load(path)
