@@ -28,7 +28,7 @@ The store calls these functions inside its transactions; the worker calls
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -105,6 +105,15 @@ class Pace:
     @classmethod
     def initial(cls, region: str, model: str, max_limit: int) -> Pace:
         return cls(region, model, limit=max_limit, max_limit=max_limit)
+
+
+# A change to a (region, model)'s pace, applied by the store under its row lock.
+PaceChange = Callable[[Pace], Pace]
+
+
+def with_max_limit(pace: Pace, max_limit: int) -> Pace:
+    """The configured concurrency changed (the regions file): the limit follows it down."""
+    return replace(pace, max_limit=max_limit, limit=min(pace.limit, max_limit) or max_limit)
 
 
 # -- classifying answers --------------------------------------------------------

@@ -15,11 +15,13 @@ when its breaker opens and every cool-down after). What a divert moves is here
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
+from . import pacing
 from .config import DispatcherSettings
+from .pacing import Allowance, Budget, Pace
 from .store.models import Failover, RegionSpec, State
 
 T = TypeVar("T")
@@ -35,6 +37,22 @@ LEASE_EXPIRED_ERROR: dict[str, Any] = {
     "message": "the lease expired before its worker reported a result "
     "(the worker crashed, hung or lost the store)",
 }
+
+# The last error of what is left of a job when its deadline (schedule-to-close) passes;
+# the stores keep the error it replaces under "last".
+DEADLINE_EXCEEDED = "deadline_exceeded"
+DEADLINE_MESSAGE = "the job's deadline passed before this execution got an answer"
+
+
+def deadline_error(last: dict[str, Any] | None) -> dict[str, Any]:
+    """The error of an execution ended by its job's deadline."""
+    return {"code": DEADLINE_EXCEEDED, "message": DEADLINE_MESSAGE, "last": last}
+
+
+def past_deadline(deadline_at: float | None, when: float) -> bool:
+    """Whether ``when`` is at or past the job's deadline (None: no deadline)."""
+    return deadline_at is not None and when >= deadline_at
+
 
 # A region whose circuit is open hands its queued work of this failover policy to the
 # other regions; failover-none work waits for its region. (The SQL of divert_queued
@@ -61,6 +79,11 @@ class ClaimRequest:
     worker: str
     tenant_batch: int
     retry_handoff_s: float = DEFAULT_RETRY_HANDOFF_S
+    # Per model: how many this process's circuit breakers allow now (a model absent:
+    # its circuit is open; None: no breaker says anything, every model may claim).
+    circuit_caps: Mapping[str, int] | None = None
+    # Per model: its rpm/tpm budget and concurrency ceiling (regions file limits).
+    budgets: Mapping[str, Budget] = field(default_factory=dict)
 
     @property
     def expires(self) -> float:
@@ -76,6 +99,58 @@ class ClaimRequest:
     def empty(self) -> bool:
         """Nothing can be claimed: no slot asked for, or a region serving no model."""
         return self.limit <= 0 or not self.region.models
+
+    def budget(self, model: str) -> Budget:
+        return self.budgets.get(model, Budget())
+
+    def max_limit(self, model: str) -> int:
+        """The model's concurrency ceiling here (adaptive concurrency never goes above)."""
+        cap = self.budget(model).concurrency
+        return self.region.concurrency if cap is None else min(cap, self.region.concurrency)
+
+
+@dataclass(frozen=True)
+class ClaimGroup:
+    """Models claimed together in one pick, at most ``limit`` of them; ``budgeted``: the
+    picked executions' estimated tokens must fit the model's buckets (``pacing.take``)."""
+
+    models: tuple[str, ...]
+    limit: int
+    budgeted: bool = False
+
+
+def plan_claim(
+    request: ClaimRequest, paces: dict[str, Pace], in_flight: Mapping[str, int], free: int
+) -> tuple[list[ClaimGroup], dict[str, Allowance]]:
+    """Which models a claim may take work for, and how many each, given the shared pacing
+    state (``paces``, refilled to ``request.now`` in place), each model's calls in flight
+    here, and ``free`` region slots. Backpressure (not_before), adaptive concurrency,
+    the budgets and this process's circuits hold a model back on its own: the others
+    still claim. Models held by nothing are picked together, after the limited ones
+    (which would otherwise lose every free slot to them). Returns the groups, and for
+    each model held back, why (``held``)."""
+    limited: list[ClaimGroup] = []
+    open_models: list[str] = []
+    held: dict[str, Allowance] = {}
+    for model in sorted(request.region.models):
+        cap = free
+        if request.circuit_caps is not None:
+            cap = min(cap, request.circuit_caps.get(model, 0))
+        if cap <= 0:
+            held[model] = Allowance(0, "circuit_open")
+            continue
+        budget = request.budget(model)
+        allowed, paces[model] = pacing.allowance(
+            paces[model], budget, in_flight.get(model, 0), cap, request.now
+        )
+        if allowed.calls <= 0:
+            held[model] = allowed
+        elif allowed.calls >= free and not budget.limited:
+            open_models.append(model)
+        else:
+            limited.append(ClaimGroup((model,), allowed.calls, budget.limited))
+    groups = limited + ([ClaimGroup(tuple(open_models), free)] if open_models else [])
+    return groups, held
 
 
 # -- the claim order ------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from executor_service.dispatcher.store.models import (
     Attempt,
     Claim,
+    Claims,
     Execution,
     Failover,
     Job,
@@ -34,11 +35,13 @@ from executor_service.dispatcher.store.models import (
 from executor_service.exceptions import ExecutorServiceError
 
 if TYPE_CHECKING:
+    from executor_service.dispatcher.pacing import Pace, PaceChange
     from executor_service.dispatcher.rules import ClaimRequest
 
 __all__ = [  # the records are defined in models.py
     "Attempt",
     "Claim",
+    "Claims",
     "Execution",
     "Failover",
     "IdempotencyConflict",
@@ -98,7 +101,7 @@ class Store(ABC):
 
     # -- scheduling ---------------------------------------------------------
     @abstractmethod
-    def claim(self, request: ClaimRequest) -> list[Claim]:
+    def claim(self, request: ClaimRequest) -> Claims:
         """Lease up to ``request.limit`` executions for ``request.region``, never letting
         the region's leased count exceed its concurrency across all processes. The
         order is ``rules.pick`` (the store answers its ``ClaimQueues`` queries):
@@ -115,7 +118,14 @@ class Store(ABC):
         3. new work requested here, round-robin across tenants (at most
            ``tenant_batch`` per tenant, tenants with fewer in flight here first),
            then job priority (high first), job age, question order.
-        Each claim gets a fresh token, attempts += 1, lease_expires_at = now + lease_s."""
+        Each claim gets a fresh token, attempts += 1, lease_expires_at = now + lease_s.
+
+        Pacing (``rules.plan_claim``), in the same transaction: each (region, model)'s
+        shared pacing row is locked; a model whose not_before has not passed, whose
+        adaptive concurrency is used up, whose rpm/tpm budget is empty, or whose
+        circuit (``request.circuit_caps``) is open, is held back on its own; a
+        budgeted model's picks are trimmed to what its buckets hold and the tokens
+        reserved (``Claim.reserved_tokens``). The result's ``held`` says why."""
 
     @abstractmethod
     def heartbeat(self, leases: Sequence[tuple[int, str]], now: float, lease_s: float) -> set[int]:
@@ -144,6 +154,34 @@ class Store(ABC):
         ``rules.after_failure`` (cancel finality). False if the lease was lost."""
 
     @abstractmethod
+    def defer(
+        self,
+        execution_id: int,
+        token: str,
+        error: dict[str, Any],
+        now: float,
+        started_at: float,
+        retry_at: float,
+    ) -> bool:
+        """Record a deferred call (backpressure: 429, 503 overloaded), fenced by token:
+        logged in the attempt log like a failure, but the attempt is given back
+        (attempts - 1, deferrals + 1), so it never counts toward max_attempts; the
+        execution waits in retry_wait until ``retry_at`` (``rules.after_failure``:
+        cancelled if its job was). False if the lease was lost."""
+
+    @abstractmethod
+    def update_pace(
+        self, region: str, model: str, max_limit: int, change: PaceChange
+    ) -> Pace:
+        """Apply ``change`` (a pacing rule) to the (region, model)'s shared pacing row
+        under its lock (created at first use with ``max_limit``); return the result."""
+
+    @abstractmethod
+    def expire_deadlines(self, now: float) -> int:
+        """Jobs whose deadline has passed: their queued and retry_wait executions become
+        dead with ``rules.deadline_error`` (each job once). Returns how many."""
+
+    @abstractmethod
     def release(self, execution_id: int, token: str, now: float) -> bool:
         """Give a lease back without it counting as an attempt (shutdown): the
         execution returns to the state it was claimed from, due now
@@ -156,8 +194,8 @@ class Store(ABC):
         (``rules.after_lease_expired``). Returns count."""
 
     @abstractmethod
-    def divert_queued(self, region: str, now: float) -> int:
-        """Hand a region's queued failover-any work to the other regions (its circuit
+    def divert_queued(self, region: str, now: float, model: str | None = None) -> int:
+        """Hand a region's queued failover-any work (of ``model`` only, when given) to the other regions (its circuit
         is open): those executions become retry_wait, due ``now``, with last_region =
         ``region`` and failed_at = ``now``, without an attempt counted (they never
         ran), so claim step 1 gives them to any other region serving the model.

@@ -20,12 +20,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from executor_service.dispatcher import rules
+from executor_service.dispatcher import pacing, rules
+from executor_service.dispatcher.pacing import Pace
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
 from executor_service.dispatcher.store.base import (
     Attempt,
     Claim,
+    Claims,
     Execution,
     Failover,
     IdempotencyConflict,
@@ -76,6 +78,7 @@ class ExecutionRow:
     leased_by: str | None = None
     leased_at: float | None = None
     claimed_from: str | None = None
+    deferrals: int = 0
 
     def holds(self, token: str) -> bool:
         return self.state == State.LEASED.value and self.lease_token == token
@@ -86,6 +89,7 @@ class JobRow:
     job: Job
     request_hash: str
     cancelled: bool = False
+    expired: bool = False
 
 
 @dataclass
@@ -96,6 +100,7 @@ class MemoryStore(Store):
     jobs: dict[str, JobRow] = field(default_factory=dict)
     attempts: dict[int, list[Attempt]] = field(default_factory=dict)
     circuits: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+    paces: dict[tuple[str, str], Pace] = field(default_factory=dict)  # (region, model)
     closed: bool = False
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _next_id: int = 1
@@ -142,6 +147,7 @@ class MemoryStore(Store):
                 idempotency_key=job.idempotency_key,
                 cancelled=False,
                 total=records.count_executions(job),
+                deadline_at=None if job.deadline_s is None else now + job.deadline_s,
             )
             self.jobs[created.id] = JobRow(created, job.request_hash)
             for index, question, model, region in records.expand(job):
@@ -217,20 +223,19 @@ class MemoryStore(Store):
             return all(State(r.state).final for r in self._where(lambda r: r.job_id == job_id))
 
     # -- scheduling -----------------------------------------------------------
-    def claim(self, request: ClaimRequest) -> list[Claim]:
+    def claim(self, request: ClaimRequest) -> Claims:
         if request.empty:
-            return []
+            return Claims()
         region = request.region.name
         with self._lock:
             self._check_open()
             leased = sum(1 for _ in self._where(lambda r: self._leased_in(r, region)))
             free = min(request.limit, request.region.concurrency - leased)
             if free <= 0:
-                return []
-            claims = []
-            for execution_id, source in rules.pick(
-                _Queues(self, request), free, request.tenant_batch
-            ):
+                return Claims()
+            picked, held = self._paced_pick(request, free)
+            claims = Claims(held=held)
+            for execution_id, source, reserved in picked:
                 r = self.rows[execution_id]
                 token = records.new_token()
                 r.state, r.attempts, r.lease_token = State.LEASED.value, r.attempts + 1, token
@@ -240,18 +245,92 @@ class MemoryStore(Store):
                     request.now,
                 )
                 r.executed_region, r.claimed_from = region, source.value
-                params = _json(self.jobs[r.job_id].job.params)
+                job = self.jobs[r.job_id].job
                 claims.append(
                     records.claim_from_row(
                         vars(r),
                         token=token,
                         source=source.value,
                         region=region,
-                        params=params,
+                        params=_json(job.params),
                         lease_expires_at=request.expires,
+                        reserved_tokens=reserved,
+                        deadline_at=job.deadline_at,
                     )
                 )
             return claims
+
+    def _pace(self, region: str, model: str, max_limit: int) -> Pace:
+        pace = self.paces.get((region, model)) or Pace.initial(region, model, max_limit)
+        if pace.max_limit != max_limit:
+            pace = pacing.with_max_limit(pace, max_limit)
+        return pace
+
+    def _paced_pick(
+        self, request: ClaimRequest, free: int
+    ) -> tuple[list[tuple[int, rules.Source, int]], dict[str, Any]]:
+        """SQLStore._paced_pick on dicts (the same steps, the same rules)."""
+        region = request.region.name
+        paces = {
+            m: self._pace(region, m, request.max_limit(m)) for m in sorted(request.region.models)
+        }
+        in_flight = Counter(r.model for r in self._where(lambda r: self._leased_in(r, region)))
+        groups, held = rules.plan_claim(request, paces, in_flight, free)
+        picked: list[tuple[int, rules.Source, int]] = []
+        for group in groups:
+            n = min(group.limit, free - len(picked))
+            if n <= 0:
+                break
+            ids = rules.pick(_Queues(self, request, frozenset(group.models)), n, request.tenant_batch)
+            if not group.budgeted:
+                picked += [(i, source, 0) for i, source in ids]
+                continue
+            model = group.models[0]
+            budget = request.budget(model)
+            costs = [
+                pacing.estimate_tokens(
+                    len(self.rows[i].question),
+                    self.jobs[self.rows[i].job_id].job.params.get("max_tokens"),
+                )
+                for i, _ in ids
+            ]
+            taken, paces[model] = pacing.take(paces[model], budget, costs)
+            reserve = budget.tpm is not None
+            picked += [
+                (i, source, cost if reserve else 0)
+                for (i, source), cost in zip(ids[:taken], costs[:taken], strict=True)
+            ]
+            if taken < len(ids):
+                held[model] = pacing.Allowance(0, "budget")
+        for model, pace in paces.items():
+            self.paces[(region, model)] = pace
+        return picked, held
+
+    def update_pace(
+        self, region: str, model: str, max_limit: int, change: pacing.PaceChange
+    ) -> Pace:
+        with self._lock:
+            self._check_open()
+            pace = change(self._pace(region, model, max_limit))
+            self.paces[(region, model)] = pace
+            return pace
+
+    def expire_deadlines(self, now: float) -> int:
+        with self._lock:
+            self._check_open()
+            ended = 0
+            waiting = {State.QUEUED.value, State.RETRY_WAIT.value}
+            for job in self.jobs.values():
+                if job.expired or not rules.past_deadline(job.job.deadline_at, now):
+                    continue
+                job.expired = True
+                job_id = job.job.id
+                left = [r for r in self.rows.values() if r.job_id == job_id and r.state in waiting]
+                for r in left:
+                    r.state, r.finished_at, r.due_at = State.DEAD.value, now, None
+                    r.last_error = rules.deadline_error(r.last_error)
+                    ended += 1
+            return ended
 
     @staticmethod
     def _leased_in(r: ExecutionRow, region: str) -> bool:
@@ -277,7 +356,7 @@ class MemoryStore(Store):
     ) -> None:
         assert r.executed_region is not None and started_at is not None
         self.attempts.setdefault(r.id, []).append(
-            Attempt(r.attempts, r.executed_region, started_at, now, error is None, _json(error))
+            Attempt(r.attempts + r.deferrals, r.executed_region, started_at, now, error is None, _json(error))
         )
 
     def complete(
@@ -322,6 +401,26 @@ class MemoryStore(Store):
             self._record_attempt(r, started_at, now, error)
             return True
 
+    def defer(
+        self,
+        execution_id: int,
+        token: str,
+        error: dict[str, Any],
+        now: float,
+        started_at: float,
+        retry_at: float,
+    ) -> bool:
+        with self._lock:
+            self._check_open()
+            r = self._held(execution_id, token)
+            if r is None:
+                return False
+            to = rules.after_failure(retry_at, self.jobs[r.job_id].cancelled, now)
+            self._record_attempt(r, started_at, now, error)
+            self._apply(r, to, error, now)
+            r.attempts, r.deferrals = r.attempts - 1, r.deferrals + 1
+            return True
+
     def release(self, execution_id: int, token: str, now: float) -> bool:
         with self._lock:
             self._check_open()
@@ -358,7 +457,7 @@ class MemoryStore(Store):
                 self._record_attempt(r, r.leased_at, now, rules.LEASE_EXPIRED_ERROR)
             return len(expired)
 
-    def divert_queued(self, region: str, now: float) -> int:
+    def divert_queued(self, region: str, now: float, model: str | None = None) -> int:
         with self._lock:
             self._check_open()
             moved = 0
@@ -367,6 +466,7 @@ class MemoryStore(Store):
                     r.state == State.QUEUED.value
                     and r.requested_region == region
                     and r.failover == rules.DIVERTED_FAILOVER.value
+                    and (model is None or r.model == model)
                 )
             ):
                 r.state, r.due_at, r.failed_at, r.last_region = (
@@ -408,6 +508,7 @@ class MemoryStore(Store):
                         in_flight=sum(self._leased_in(r, name) for r in rows),
                         circuit=circuit,
                         circuit_open_until=open_until,
+                        paces=[p for (rg, _), p in sorted(self.paces.items()) if rg == name],
                     )
                 )
             return QueueStats(
@@ -424,11 +525,13 @@ class _Queues:
     """rules.ClaimQueues over the memory store's rows: the named queries' WHERE clauses
     (queries_sqlite.sql) as Python. Called with the store's lock held."""
 
-    def __init__(self, store: MemoryStore, request: ClaimRequest) -> None:
+    def __init__(
+        self, store: MemoryStore, request: ClaimRequest, models: frozenset[str] | None = None
+    ) -> None:
         self.rows = list(store.rows.values())
         self.request = request
         self.region = request.region.name
-        self.models = request.region.models
+        self.models = request.region.models if models is None else models
 
     def _retry_due(self, r: ExecutionRow, by: float) -> bool:
         return (

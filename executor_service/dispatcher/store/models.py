@@ -47,6 +47,8 @@ class NewJob:
     # hash of the canonical request body: same key + same hash -> same job
     request_hash: str = ""
     params: dict[str, Any] = field(default_factory=dict)  # max_tokens, temperature, seed...
+    # schedule-to-close: what is left when it passes ends dead with deadline_exceeded
+    deadline_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Job:
     idempotency_key: str | None
     cancelled: bool
     total: int  # executions
+    deadline_at: float | None = None  # created_at + deadline_s
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Execution:
     created_at: float
     finished_at: float | None
     attempt_log: list[Attempt] = field(default_factory=list)
+    deferrals: int = 0  # calls refused for rate or capacity (not attempts)
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,26 @@ class Claim:
     params: dict[str, Any]
     lease_expires_at: float
     source: str  # "global_retry" | "own_retry" | "new": which queue it came from
+    deferrals: int = 0  # deferrals before this call (the call's number: attempt + deferrals)
+    reserved_tokens: int = 0  # taken from the (region, model)'s tpm budget at claim
+    deadline_at: float | None = None  # the job's deadline
+
+    @property
+    def call(self) -> int:
+        """This call's number among every call sent for the execution (attempts and
+        deferrals): its attempt-log number and its request id's last part."""
+        return self.attempt + self.deferrals
+
+
+class Claims(list[Claim]):
+    """What a claim leased, plus why the models it could not claim for were held back
+    (``held``: model -> pacing.Allowance), for the claim loop's wait and the job view."""
+
+    held: dict[str, Any]
+
+    def __init__(self, claims: list[Claim] | None = None, held: dict[str, Any] | None = None):
+        super().__init__(claims or [])
+        self.held = held or {}
 
 
 @dataclass(frozen=True)
@@ -135,6 +159,7 @@ class RegionQueue:
     in_flight: int  # leased and running here
     circuit: str  # "closed" | "open" | "half_open"
     circuit_open_until: float | None
+    paces: list[Any] = field(default_factory=list)  # pacing.Pace of each (region, model)
 
 
 @dataclass(frozen=True)

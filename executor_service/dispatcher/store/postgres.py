@@ -42,7 +42,8 @@ from psycopg_pool import ConnectionPool
 from executor_service.dispatcher import rules
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
-from executor_service.dispatcher.store.base import Claim, NewJob, StoreError
+from executor_service.dispatcher.store.base import NewJob, StoreError
+from executor_service.dispatcher.store.models import Claims
 from executor_service.dispatcher.store.sql_files import load_migrations, load_queries
 from executor_service.dispatcher.store.sql_store import SQLStore
 
@@ -160,42 +161,45 @@ class PostgresStore(SQLStore[Cursor]):
                 copy.write_row(values)
 
     # -- scheduling -----------------------------------------------------------
-    def claim(self, request: ClaimRequest) -> list[Claim]:
+    def claim(self, request: ClaimRequest) -> Claims:
         if request.empty:
-            return []
+            return Claims()
         args = {**self._claim_args(request), "namespace": _LOCK_NAMESPACE}
         with self._transaction() as cur:
             cur.execute(Q["lock_region"], args)
             row = cur.execute(Q["count_leased"], args).fetchone()
             free = min(request.limit, request.region.concurrency - (row["n"] if row else 0))
             if free <= 0:
-                return []
-            picked = rules.pick(self._queues(cur, args), free, request.tenant_batch)
+                return Claims()
+            picked, held = self._paced_pick(cur, args, request, free)
             if not picked:
-                return []
+                return Claims(held=held)
             tokens = [records.new_token() for _ in picked]
             lease = {
                 **args,
-                "ids": [i for i, _ in picked],
+                "ids": [i for i, _, _ in picked],
                 "tokens": tokens,
-                "sources": [s.value for _, s in picked],
+                "sources": [s.value for _, s, _ in picked],
             }
             leased = {r["id"]: r for r in cur.execute(Q["lease"], lease)}
             job_ids = sorted({r["job_id"] for r in leased.values()})
-            params = {
-                r["id"]: r["params"] for r in cur.execute(Q["job_params"], {"job_ids": job_ids})
-            }
-        return [
-            records.claim_from_row(
-                leased[execution_id],
-                token=token,
-                source=source.value,
-                region=request.region.name,
-                params=params[leased[execution_id]["job_id"]],
-                lease_expires_at=request.expires,
-            )
-            for (execution_id, source), token in zip(picked, tokens, strict=True)
-        ]
+            jobs = {r["id"]: r for r in cur.execute(Q["job_params"], {"job_ids": job_ids})}
+        return Claims(
+            [
+                records.claim_from_row(
+                    leased[execution_id],
+                    token=token,
+                    source=source.value,
+                    region=request.region.name,
+                    params=jobs[leased[execution_id]["job_id"]]["params"],
+                    lease_expires_at=request.expires,
+                    reserved_tokens=reserved,
+                    deadline_at=jobs[leased[execution_id]["job_id"]]["deadline_at"],
+                )
+                for (execution_id, source, reserved), token in zip(picked, tokens, strict=True)
+            ],
+            held,
+        )
 
     def _own_retries(
         self, cur: Cursor, args: dict[str, Any], taken: list[int], n: int

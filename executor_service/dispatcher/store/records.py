@@ -105,6 +105,7 @@ def job_from_row(row: Row, loads: Loads) -> Job:
         idempotency_key=row["idempotency_key"],
         cancelled=bool(row["cancelled"]),
         total=row["total"],
+        deadline_at=row["deadline_at"],
     )
 
 
@@ -140,6 +141,7 @@ def execution_from_row(row: Row, loads: Loads, attempt_log: list[Attempt]) -> Ex
         created_at=row["created_at"],
         finished_at=row["finished_at"],
         attempt_log=attempt_log,
+        deferrals=row["deferrals"],
     )
 
 
@@ -151,6 +153,8 @@ def claim_from_row(
     region: str,
     params: dict[str, Any],
     lease_expires_at: float,
+    reserved_tokens: int = 0,
+    deadline_at: float | None = None,
 ) -> Claim:
     """A freshly leased executions row as the Claim handed to a worker."""
     return Claim(
@@ -169,6 +173,9 @@ def claim_from_row(
         params=params,
         lease_expires_at=lease_expires_at,
         source=source,
+        deferrals=row["deferrals"],
+        reserved_tokens=reserved_tokens,
+        deadline_at=deadline_at,
     )
 
 

@@ -34,7 +34,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from executor_service.dispatcher import rules
+from executor_service.dispatcher import pacing, rules
+from executor_service.dispatcher.pacing import Pace
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
 from executor_service.dispatcher.store.base import (
@@ -143,6 +144,7 @@ class SQLStore(Store, Generic[DB]):
             "params": self._dumps(job.params),
             "total": records.count_executions(job),
             "now": now,
+            "deadline_at": None if job.deadline_s is None else now + job.deadline_s,
         }
         with self._transaction(write=True) as db:
             row, created = self._insert_job(db, job, args)
@@ -227,15 +229,16 @@ class SQLStore(Store, Generic[DB]):
     def _finish_attempt(
         self, db: DB, query: str, args: dict[str, Any], started_at: float, error: Any
     ) -> bool:
-        """Apply a fenced complete/fail (the named ``query``, which returns the row's
-        attempts and executed_region), then record the attempt it ended. ``error`` is
+        """Apply a fenced complete/fail/defer (the named ``query``, which returns the
+        call's number, attempts + deferrals, and executed_region), then record the
+        attempt it ended. ``error`` is
         the failure as a JSON parameter, None for a success."""
         row = db.execute(self.queries[query], args).fetchone()
         if row is None:
             return False
         attempt = {
             "id": args["id"],
-            "number": row["attempts"],
+            "number": row["call_number"],
             "region": row["executed_region"],
             "started_at": started_at,
             "now": args["now"],
@@ -262,6 +265,24 @@ class SQLStore(Store, Generic[DB]):
             to = rules.after_failure(retry_at, bool(row["cancelled"]), now)
             args = {**lease, **self._transition(to), "error": self._dumps(error), "now": now}
             return self._finish_attempt(db, "fail", args, started_at, error=self._dumps(error))
+
+    def defer(
+        self,
+        execution_id: int,
+        token: str,
+        error: dict[str, Any],
+        now: float,
+        started_at: float,
+        retry_at: float,
+    ) -> bool:
+        lease = {"id": execution_id, "token": token}
+        with self._transaction(write=True) as db:
+            row = db.execute(self.queries["lease_of"], lease).fetchone()
+            if row is None:
+                return False
+            to = rules.after_failure(retry_at, bool(row["cancelled"]), now)
+            args = {**lease, **self._transition(to), "error": self._dumps(error), "now": now}
+            return self._finish_attempt(db, "defer", args, started_at, error=self._dumps(error))
 
     def release(self, execution_id: int, token: str, now: float) -> bool:
         lease = {"id": execution_id, "token": token}
@@ -291,7 +312,7 @@ class SQLStore(Store, Generic[DB]):
                 db.execute(self.queries["reap_one"], args)
                 attempt = {
                     "id": row["id"],
-                    "number": row["attempts"],
+                    "number": row["attempts"] + row["deferrals"],
                     "region": row["executed_region"],
                     "started_at": row["leased_at"],
                     "now": now,
@@ -303,14 +324,112 @@ class SQLStore(Store, Generic[DB]):
             self._logger.warning("reaped %d expired leases", len(expired))
         return len(expired)
 
+    # -- pacing (rules.plan_claim, pacing.py) ------------------------------------
+    def _pace_for_update(self, db: DB, region: str, model: str, max_limit: int) -> Pace:
+        """The (region, model)'s pacing row, created at first use, locked (PostgreSQL:
+        FOR UPDATE; SQLite: the write lock) until the transaction ends."""
+        key = {"region": region, "model": model}
+        row = db.execute(self.queries["pace_get"], key).fetchone()
+        if row is None:
+            db.execute(self.queries["pace_insert"], {**key, "max_limit": max_limit})
+            row = db.execute(self.queries["pace_get"], key).fetchone()
+        pace = _pace_from_row(row)
+        if pace.max_limit != max_limit:  # the regions file changed
+            pace = pacing.with_max_limit(pace, max_limit)
+        return pace
+
+    def _put_pace(self, db: DB, pace: Pace) -> None:
+        db.execute(self.queries["pace_put"], _pace_args(pace))
+
+    def _paced_pick(
+        self, db: DB, args: dict[str, Any], request: ClaimRequest, free: int
+    ) -> tuple[list[tuple[int, rules.Source, int]], dict[str, Any]]:
+        """The claim inside its transaction, after the region's lease count: lock the
+        region's pacing rows, let ``rules.plan_claim`` say which models may take how
+        many, pick each group in the claim order, trim a budgeted model's picks to
+        what its buckets hold (``pacing.take`` on each execution's estimated tokens),
+        and write the buckets back. Returns (id, source, reserved tokens) to lease and
+        the models held back (with why)."""
+        region = request.region.name
+        paces = {
+            m: self._pace_for_update(db, region, m, request.max_limit(m))
+            for m in sorted(request.region.models)
+        }
+        before = dict(paces)
+        in_flight = {
+            r["model"]: r["n"]
+            for r in db.execute(self.queries["leased_by_model"], {"region": region})
+        }
+        groups, held = rules.plan_claim(request, paces, in_flight, free)
+        picked: list[tuple[int, rules.Source, int]] = []
+        for group in groups:
+            n = min(group.limit, free - len(picked))
+            if n <= 0:
+                break
+            queues = self._queues(db, {**args, "models": self._list(list(group.models))})
+            ids = rules.pick(queues, n, request.tenant_batch)
+            if not group.budgeted:
+                picked += [(i, source, 0) for i, source in ids]
+                continue
+            model = group.models[0]
+            budget = request.budget(model)
+            costs = self._costs(db, [i for i, _ in ids])
+            estimates = [costs[i] for i, _ in ids]
+            taken, paces[model] = pacing.take(paces[model], budget, estimates)
+            reserve = budget.tpm is not None
+            picked += [
+                (i, source, cost if reserve else 0)
+                for (i, source), cost in zip(ids[:taken], estimates[:taken], strict=True)
+            ]
+            if taken < len(ids):
+                held[model] = pacing.Allowance(0, "budget")
+        for model, pace in paces.items():
+            if pace != before[model]:
+                self._put_pace(db, pace)
+        return picked, held
+
+    def _costs(self, db: DB, ids: list[int]) -> dict[int, int]:
+        """Each execution's estimated tokens: prompt characters / 4 + its max_tokens."""
+        if not ids:
+            return {}
+        rows = db.execute(self.queries["claim_costs"], {"ids": self._list(ids)})
+        return {
+            r["id"]: pacing.estimate_tokens(
+                int(r["chars"]), (self._loads(r["params"]) or {}).get("max_tokens")
+            )
+            for r in rows
+        }
+
+    def update_pace(
+        self, region: str, model: str, max_limit: int, change: pacing.PaceChange
+    ) -> Pace:
+        with self._transaction(write=True) as db:
+            pace = self._pace_for_update(db, region, model, max_limit)
+            after = change(pace)
+            if after != pace:
+                self._put_pace(db, after)
+        return after
+
+    def expire_deadlines(self, now: float) -> int:
+        with self._transaction(write=True) as db:
+            job_ids = [r["id"] for r in db.execute(self.queries["expire_jobs"], {"now": now})]
+            if not job_ids:
+                return 0
+            args = {"now": now, "job_ids": self._list(job_ids), "message": rules.DEADLINE_MESSAGE}
+            ended = db.execute(self.queries["expire_executions"], args).rowcount
+        self._logger.warning(
+            "job deadline passed", extra={"jobs": job_ids[:20], "executions": ended}
+        )
+        return ended
+
     @staticmethod
     def _transition(to: rules.Transition) -> dict[str, Any]:
         """A rule's answer as the named parameters of fail, release and reap_one."""
         return {"state": to.state.value, "due_at": to.due_at, "finished_at": to.finished_at}
 
-    def divert_queued(self, region: str, now: float) -> int:
+    def divert_queued(self, region: str, now: float, model: str | None = None) -> int:
         with self._transaction(write=True) as db:
-            args = {"region": region, "now": now}
+            args = {"region": region, "now": now, "model": model}
             moved = db.execute(self.queries["divert_queued"], args).rowcount
         if moved:
             self._logger.info("diverted %d queued executions away from region %s", moved, region)
@@ -328,6 +447,13 @@ class SQLStore(Store, Generic[DB]):
         with self._transaction() as db:
             totals = db.execute(self.queries["queue_totals"]).fetchone()
             rows = self._queue_regions(db, names)
+            paces = {
+                name: [
+                    _pace_from_row(r)
+                    for r in db.execute(self.queries["paces_of_region"], {"region": name})
+                ]
+                for name in names
+            }
         queues = [
             RegionQueue(
                 region=name,
@@ -336,6 +462,7 @@ class SQLStore(Store, Generic[DB]):
                 in_flight=row["in_flight"],
                 circuit=row["circuit"],
                 circuit_open_until=row["open_until"],
+                paces=paces[name],
             )
             for name, row in zip(names, rows, strict=True)
         ]
@@ -368,3 +495,25 @@ class _SQLQueues(Generic[DB]):
 
     def tenant_new_work(self, tenant: str, n: int) -> list[int]:
         return self._ids("tenant_new_work", tenant=tenant, n=n)
+
+
+def _pace_from_row(row: Mapping[str, Any]) -> Pace:
+    return Pace(
+        region=row["region"],
+        model=row["model"],
+        limit=int(row["lim"]),
+        max_limit=int(row["max_limit"]),
+        not_before=row["not_before"],
+        success_run=int(row["success_run"]),
+        decreased_at=row["decreased_at"],
+        requests=row["requests"],
+        tokens=row["tokens"],
+        level_at=row["level_at"],
+        deferrals=int(row["deferrals"]),
+        circuit=row["circuit"],
+        circuit_open_until=row["circuit_open_until"],
+    )
+
+
+def _pace_args(pace: Pace) -> dict[str, Any]:
+    return dict(vars(pace))

@@ -28,7 +28,8 @@ from typing import Any
 from executor_service.dispatcher import rules
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
-from executor_service.dispatcher.store.base import Claim, NewJob, StoreError
+from executor_service.dispatcher.store.base import NewJob, StoreError
+from executor_service.dispatcher.store.models import Claims
 from executor_service.dispatcher.store.sql_files import load_migrations, load_queries
 from executor_service.dispatcher.store.sql_store import SQLStore
 
@@ -169,38 +170,40 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
         )
 
     # -- scheduling -----------------------------------------------------------
-    def claim(self, request: ClaimRequest) -> list[Claim]:
+    def claim(self, request: ClaimRequest) -> Claims:
         if request.empty:
-            return []
+            return Claims()
         args = self._claim_args(request)
         with self._transaction(write=True) as db:
             leased = db.execute(Q["count_leased"], args).fetchone()["n"]
             free = min(request.limit, request.region.concurrency - leased)
             if free <= 0:
-                return []
+                return Claims()
+            picked, held = self._paced_pick(db, args, request, free)
             leased_rows = []
-            for execution_id, source in rules.pick(
-                self._queues(db, args), free, request.tenant_batch
-            ):
+            for execution_id, source, reserved in picked:
                 token = records.new_token()
                 lease = {**args, "id": execution_id, "token": token, "source": source.value}
-                leased_rows.append((db.execute(Q["lease"], lease).fetchone(), token, source))
-            job_ids = _json_list(sorted({row["job_id"] for row, _, _ in leased_rows}))
-            params = {
-                r["id"]: self._loads(r["params"])
-                for r in db.execute(Q["job_params"], {"job_ids": job_ids})
-            }
-        return [
-            records.claim_from_row(
-                row,
-                token=token,
-                source=source.value,
-                region=request.region.name,
-                params=params[row["job_id"]],
-                lease_expires_at=request.expires,
-            )
-            for row, token, source in leased_rows
-        ]
+                row = db.execute(Q["lease"], lease).fetchone()
+                leased_rows.append((row, token, source, reserved))
+            job_ids = _json_list(sorted({row["job_id"] for row, _, _, _ in leased_rows}))
+            jobs = {r["id"]: r for r in db.execute(Q["job_params"], {"job_ids": job_ids})}
+        return Claims(
+            [
+                records.claim_from_row(
+                    row,
+                    token=token,
+                    source=source.value,
+                    region=request.region.name,
+                    params=self._loads(jobs[row["job_id"]]["params"]),
+                    lease_expires_at=request.expires,
+                    reserved_tokens=reserved,
+                    deadline_at=jobs[row["job_id"]]["deadline_at"],
+                )
+                for row, token, source, reserved in leased_rows
+            ],
+            held,
+        )
 
     def _own_retries(
         self, db: sqlite3.Connection, args: dict[str, Any], taken: list[int], n: int

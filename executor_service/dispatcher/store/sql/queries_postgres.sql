@@ -5,10 +5,10 @@
 -- name: insert_job
 -- ON CONFLICT waits for a concurrent insert of the same key to commit or abort.
 INSERT INTO jobs (id, tenant, idempotency_key, request_hash, failover, max_attempts, priority,
-                  questions, models, regions_by_model, params, total, created_at)
+                  questions, models, regions_by_model, params, total, created_at, deadline_at)
 VALUES (%(id)s, %(tenant)s, %(idempotency_key)s, %(request_hash)s, %(failover)s,
         %(max_attempts)s, %(priority)s, %(questions)s, %(models)s, %(regions_by_model)s,
-        %(params)s, %(total)s, %(now)s)
+        %(params)s, %(total)s, %(now)s, %(deadline_at)s)
 ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING *;
 
@@ -124,10 +124,10 @@ SET state = 'leased', attempts = e.attempts + 1, lease_token = v.token,
 FROM unnest(%(ids)s::bigint[], %(tokens)s::text[], %(sources)s::text[]) AS v(id, token, source)
 WHERE e.id = v.id
 RETURNING e.id, e.job_id, e.tenant, e.question_index, e.question, e.model,
-          e.requested_region, e.attempts, e.max_attempts, e.failover;
+          e.requested_region, e.attempts, e.max_attempts, e.failover, e.deferrals;
 
 -- name: job_params
-SELECT id, params FROM jobs WHERE id = ANY(%(job_ids)s::text[]);
+SELECT id, params, deadline_at FROM jobs WHERE id = ANY(%(job_ids)s::text[]);
 
 -- name: divert_queued
 -- A region whose circuit is open hands its queued failover-any work to the global
@@ -138,6 +138,7 @@ UPDATE executions AS e
 SET state = 'retry_wait', due_at = %(now)s, failed_at = %(now)s, last_region = %(region)s
 FROM (SELECT id FROM executions
       WHERE state = 'queued' AND requested_region = %(region)s AND failover = 'any'
+        AND (%(model)s::text IS NULL OR model = %(model)s::text)
       FOR UPDATE SKIP LOCKED) AS q
 WHERE e.id = q.id;
 
@@ -152,7 +153,7 @@ UPDATE executions
 SET state = 'succeeded', output = %(output)s, result = %(result)s, finished_at = %(now)s,
     lease_expires_at = NULL
 WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased'
-RETURNING attempts, executed_region;
+RETURNING attempts + deferrals AS call_number, executed_region;
 
 -- name: insert_attempt
 INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
@@ -172,7 +173,16 @@ UPDATE executions
 SET state = %(state)s, due_at = %(due_at)s, failed_at = %(now)s, last_region = executed_region,
     last_error = %(error)s, lease_expires_at = NULL, finished_at = %(finished_at)s
 WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased'
-RETURNING attempts, executed_region;
+RETURNING attempts + deferrals AS call_number, executed_region;
+
+-- name: defer
+-- A deferral (backpressure): logged, but the attempt is given back (pacing.py).
+UPDATE executions
+SET state = %(state)s, due_at = %(due_at)s, failed_at = %(now)s, last_region = executed_region,
+    attempts = attempts - 1, deferrals = deferrals + 1,
+    last_error = %(error)s, lease_expires_at = NULL, finished_at = %(finished_at)s
+WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased'
+RETURNING attempts + deferrals AS call_number, executed_region;
 
 -- name: release
 -- Back to the queue it was claimed from (rules.after_release): the attempt is given back.
@@ -192,7 +202,7 @@ SELECT id, cancelled FROM jobs WHERE id = ANY(%(job_ids)s::text[]) ORDER BY id F
 
 -- name: expired_leases
 -- After lock_jobs. SKIP LOCKED: a lease its worker is finishing right now is left to it.
-SELECT id, job_id, attempts, max_attempts, executed_region, leased_at FROM executions
+SELECT id, job_id, attempts, deferrals, max_attempts, executed_region, leased_at FROM executions
 WHERE state = 'leased' AND lease_expires_at < %(now)s AND job_id = ANY(%(job_ids)s::text[])
 ORDER BY id
 FOR UPDATE SKIP LOCKED;
@@ -225,3 +235,43 @@ SELECT r.name,
         WHERE state = 'leased' AND executed_region = r.name) AS in_flight,
        coalesce(c.circuit, 'closed') AS circuit, c.open_until
 FROM unnest(%(regions)s::text[]) AS r(name) LEFT JOIN regions c ON c.name = r.name;
+
+-- name: leased_by_model
+SELECT model, count(*) AS n FROM executions
+WHERE state = 'leased' AND executed_region = %(region)s GROUP BY model;
+
+-- name: pace_insert
+-- A (region, model)'s pacing row, created at its first claim (pacing.Pace.initial).
+INSERT INTO paces (region, model, max_limit, lim) VALUES (%(region)s, %(model)s, %(max_limit)s, %(max_limit)s)
+ON CONFLICT (region, model) DO NOTHING;
+
+-- name: pace_get
+SELECT * FROM paces WHERE region = %(region)s AND model = %(model)s FOR UPDATE;
+
+-- name: pace_put
+UPDATE paces
+SET max_limit = %(max_limit)s, lim = %(limit)s, not_before = %(not_before)s, success_run = %(success_run)s,
+    decreased_at = %(decreased_at)s, requests = %(requests)s, tokens = %(tokens)s, level_at = %(level_at)s,
+    deferrals = %(deferrals)s, circuit = %(circuit)s, circuit_open_until = %(circuit_open_until)s
+WHERE region = %(region)s AND model = %(model)s;
+
+-- name: paces_of_region
+SELECT * FROM paces WHERE region = %(region)s ORDER BY model;
+
+-- name: claim_costs
+-- What a budgeted claim needs to estimate each candidate's tokens (pacing.estimate_tokens).
+SELECT e.id, length(e.question) AS chars, j.params FROM executions e JOIN jobs j ON j.id = e.job_id
+WHERE e.id = ANY(%(ids)s::bigint[]);
+
+-- name: expire_jobs
+-- Jobs whose deadline passed: marked once (the job row first: the lock order of cancel),
+-- then their waiting work is made dead.
+UPDATE jobs SET expired = true WHERE NOT expired AND deadline_at <= %(now)s RETURNING id;
+
+-- name: expire_executions
+-- rules.deadline_error: code deadline_exceeded, the error it replaces kept as "last".
+UPDATE executions
+SET state = 'dead', finished_at = %(now)s, due_at = NULL,
+    last_error = jsonb_build_object('code', 'deadline_exceeded', 'message', %(message)s::text,
+                                    'last', last_error)
+WHERE job_id = ANY(%(job_ids)s::text[]) AND state IN ('queued', 'retry_wait');

@@ -8,9 +8,10 @@ SELECT * FROM jobs WHERE tenant = :tenant AND idempotency_key = :idempotency_key
 
 -- name: insert_job
 INSERT INTO jobs (id, tenant, idempotency_key, request_hash, failover, max_attempts, priority,
-                  questions, models, regions_by_model, params, total, created_at, cancelled)
+                  questions, models, regions_by_model, params, total, created_at, cancelled,
+                  deadline_at)
 VALUES (:id, :tenant, :idempotency_key, :request_hash, :failover, :max_attempts, :priority,
-        :questions, :models, :regions_by_model, :params, :total, :now, 0)
+        :questions, :models, :regions_by_model, :params, :total, :now, 0, :deadline_at)
 RETURNING *;
 
 -- name: get_job
@@ -101,17 +102,18 @@ SET state = 'leased', attempts = attempts + 1, lease_token = :token,
     executed_region = :region, claimed_from = :source
 WHERE id = :id
 RETURNING id, job_id, tenant, question_index, question, model, requested_region, attempts,
-          max_attempts, failover;
+          max_attempts, failover, deferrals;
 
 -- name: job_params
-SELECT id, params FROM jobs WHERE id IN (SELECT value FROM json_each(:job_ids));
+SELECT id, params, deadline_at FROM jobs WHERE id IN (SELECT value FROM json_each(:job_ids));
 
 -- name: divert_queued
 -- A region whose circuit is open hands its queued failover-any work to the global
 -- retry queue: due now, failed "here", no attempt counted (it never ran).
 UPDATE executions
 SET state = 'retry_wait', due_at = :now, failed_at = :now, last_region = :region
-WHERE state = 'queued' AND requested_region = :region AND failover = 'any';
+WHERE state = 'queued' AND requested_region = :region AND failover = 'any'
+  AND (:model IS NULL OR model = :model);
 
 -- name: heartbeat
 UPDATE executions SET lease_expires_at = :expires
@@ -122,7 +124,7 @@ UPDATE executions
 SET state = 'succeeded', output = :output, result = :result, finished_at = :now,
     lease_expires_at = NULL
 WHERE id = :id AND lease_token = :token AND state = 'leased'
-RETURNING attempts, executed_region;
+RETURNING attempts + deferrals AS call_number, executed_region;
 
 -- name: insert_attempt
 INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
@@ -139,7 +141,16 @@ UPDATE executions
 SET state = :state, due_at = :due_at, failed_at = :now, last_region = executed_region,
     last_error = :error, lease_expires_at = NULL, finished_at = :finished_at
 WHERE id = :id AND lease_token = :token AND state = 'leased'
-RETURNING attempts, executed_region;
+RETURNING attempts + deferrals AS call_number, executed_region;
+
+-- name: defer
+-- A deferral (backpressure): logged, but the attempt is given back (pacing.py).
+UPDATE executions
+SET state = :state, due_at = :due_at, failed_at = :now, last_region = executed_region,
+    attempts = attempts - 1, deferrals = deferrals + 1,
+    last_error = :error, lease_expires_at = NULL, finished_at = :finished_at
+WHERE id = :id AND lease_token = :token AND state = 'leased'
+RETURNING attempts + deferrals AS call_number, executed_region;
 
 -- name: release
 -- Back to the queue it was claimed from (rules.after_release): the attempt is given back.
@@ -151,7 +162,8 @@ SET state = :state, finished_at = :finished_at, due_at = :due_at,
 WHERE id = :id AND lease_token = :token AND state = 'leased';
 
 -- name: expired_leases
-SELECT e.id, e.job_id, e.attempts, e.max_attempts, e.executed_region, e.leased_at, j.cancelled
+SELECT e.id, e.job_id, e.attempts, e.deferrals, e.max_attempts, e.executed_region, e.leased_at,
+       j.cancelled
 FROM executions e JOIN jobs j ON j.id = e.job_id
 WHERE e.state = 'leased' AND e.lease_expires_at < :now
 ORDER BY e.id;
@@ -185,3 +197,42 @@ SELECT (SELECT count(*) FROM executions
         WHERE state = 'leased' AND executed_region = :region) AS in_flight,
        coalesce((SELECT circuit FROM regions WHERE name = :region), 'closed') AS circuit,
        (SELECT open_until FROM regions WHERE name = :region) AS open_until;
+
+-- name: leased_by_model
+SELECT model, count(*) AS n FROM executions
+WHERE state = 'leased' AND executed_region = :region GROUP BY model;
+
+-- name: pace_insert
+-- A (region, model)'s pacing row, created at its first claim (pacing.Pace.initial).
+INSERT INTO paces (region, model, max_limit, lim) VALUES (:region, :model, :max_limit, :max_limit)
+ON CONFLICT (region, model) DO NOTHING;
+
+-- name: pace_get
+SELECT * FROM paces WHERE region = :region AND model = :model;
+
+-- name: pace_put
+UPDATE paces
+SET max_limit = :max_limit, lim = :limit, not_before = :not_before, success_run = :success_run,
+    decreased_at = :decreased_at, requests = :requests, tokens = :tokens, level_at = :level_at,
+    deferrals = :deferrals, circuit = :circuit, circuit_open_until = :circuit_open_until
+WHERE region = :region AND model = :model;
+
+-- name: paces_of_region
+SELECT * FROM paces WHERE region = :region ORDER BY model;
+
+-- name: claim_costs
+-- What a budgeted claim needs to estimate each candidate's tokens (pacing.estimate_tokens).
+SELECT e.id, length(e.question) AS chars, j.params FROM executions e JOIN jobs j ON j.id = e.job_id
+WHERE e.id IN (SELECT value FROM json_each(:ids));
+
+-- name: expire_jobs
+-- Jobs whose deadline passed: marked once, then their waiting work is made dead.
+UPDATE jobs SET expired = 1 WHERE expired = 0 AND deadline_at <= :now RETURNING id;
+
+-- name: expire_executions
+-- rules.deadline_error: code deadline_exceeded, the error it replaces kept as "last".
+UPDATE executions
+SET state = 'dead', finished_at = :now, due_at = NULL,
+    last_error = json_object('code', 'deadline_exceeded', 'message', :message,
+                             'last', json(last_error))
+WHERE job_id IN (SELECT value FROM json_each(:job_ids)) AND state IN ('queued', 'retry_wait');
