@@ -1,4 +1,4 @@
-"""A region's circuit as its worker uses it: the breaker's decisions
+"""A (region, model)'s circuit as its worker uses it: the breaker's decisions
 (``scheduler.CircuitBreaker``) published to the store, and the region's queued
 failover-"any" work handed to the other regions while the circuit keeps the
 region from claiming.
@@ -17,21 +17,41 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from .scheduler import CallVerdict, CircuitBreaker, CircuitChange, CircuitState, Clock
 from .store.base import Store, StoreError
+
+if TYPE_CHECKING:
+    from .pacing import Pace
+    from .regions import Region
+    from .worker import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
 
 class RegionCircuit:
-    """One region's breaker, wired to the store. Thread-safe: the claim loop asks for
-    allowances, the region's pool threads record verdicts."""
+    """One breaker, wired to the store: the region's, or (``model`` given) one model's in
+    the region, so one broken model never stalls the region's healthy ones; its divert
+    then moves only that model's work. ``publish`` replaces the default publication
+    (``store.set_circuit``): the region worker sums its models' circuits up.
+    Thread-safe: the claim loop asks for allowances, the pool threads record verdicts."""
 
     def __init__(
-        self, region: str, store: Store, threshold: int, cooldown_s: float, clock: Clock
+        self,
+        region: str,
+        store: Store,
+        threshold: int,
+        cooldown_s: float,
+        clock: Clock,
+        model: str | None = None,
+        publish: Callable[[CircuitChange], None] | None = None,
     ) -> None:
         self.region = region
+        self.model = model
+        self.publish = publish
         self.store = store
         self.clock = clock
         self.cooldown_s = cooldown_s
@@ -91,7 +111,10 @@ class RegionCircuit:
                 return
             self._next_divert = now + self.cooldown_s
         try:
-            moved = self.store.divert_queued(self.region, now)
+            if self.model is None:
+                moved = self.store.divert_queued(self.region, now)
+            else:
+                moved = self.store.divert_queued(self.region, now, model=self.model)
         except StoreError:
             # Not fatal: the work stays queued here and the next divert tries again.
             logger.exception("divert_queued failed", extra={"region": self.region})
@@ -99,7 +122,7 @@ class RegionCircuit:
         if moved:
             logger.warning(
                 "circuit open: queued work handed to other regions",
-                extra={"region": self.region, "executions": moved},
+                extra={"region": self.region, "model": self.model, "executions": moved},
             )
 
     def _publish(self, change: CircuitChange) -> None:
@@ -107,9 +130,95 @@ class RegionCircuit:
             logger.warning(
                 "circuit %s",
                 change.state.value,
-                extra={"region": self.region, "open_until": change.open_until},
+                extra={
+                    "region": self.region,
+                    "model": self.model,
+                    "open_until": change.open_until,
+                },
             )
+        if self.publish is not None:
+            self.publish(change)
+            return
         try:
             self.store.set_circuit(self.region, change.state.value, change.open_until)
         except StoreError:
             logger.exception("set_circuit failed", extra={"region": self.region})
+
+
+_SEVERITY = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+
+
+class ModelCircuits:
+    """A region's circuits, one per model it serves: one broken model is held back on
+    its own while the region's healthy models keep claiming. Each model's state is
+    published with its pace (``paces.circuit``); the region's, for ``/queue`` and its
+    gauge, is its worst model's (open while any model is open)."""
+
+    def __init__(
+        self,
+        region: Region,
+        store: Store,
+        config: WorkerConfig,
+        clock: Clock,
+        on_pace: Callable[[str, Pace], None] = lambda _m, _p: None,
+    ) -> None:
+        self.region = region
+        self.store = store
+        self.on_pace = on_pace
+        self._lock = threading.Lock()
+        self._states: dict[str, CircuitChange] = {}
+        self.by_model = {
+            model: RegionCircuit(
+                region.name,
+                store,
+                config.circuit_threshold,
+                config.circuit_cooldown_s,
+                clock,
+                model=model,
+                publish=self._publisher(model),
+            )
+            for model in region.models
+        }
+
+    def __getitem__(self, model: str) -> RegionCircuit:
+        return self.by_model[model]
+
+    def start(self) -> None:
+        for circuit in self.by_model.values():
+            circuit.start()
+
+    def divert_if_due(self) -> None:
+        for circuit in self.by_model.values():
+            circuit.divert_if_due()
+
+    def allowances(self, free: int) -> dict[str, int]:
+        """Per model, how many it may claim now (0: its circuit is open)."""
+        return {model: circuit.allowance(free) for model, circuit in self.by_model.items()}
+
+    def pause_s(self, poll: float) -> float:
+        """Every circuit allows nothing: wait until the first probe is due."""
+        return min(circuit.pause_s(poll) for circuit in self.by_model.values())
+
+    def _publisher(self, model: str) -> Callable[[CircuitChange], None]:
+        return lambda change: self._changed(model, change)
+
+    def _changed(self, model: str, change: CircuitChange) -> None:
+        with self._lock:
+            self._states[model] = change
+            worst = max(self._states.values(), key=lambda c: _SEVERITY[c.state])
+            untils = [c.open_until for c in self._states.values() if c.open_until]
+        try:
+            pace = self.store.update_pace(
+                self.region.name,
+                model,
+                self.region.model_concurrency(model),
+                lambda p: replace(
+                    p, circuit=change.state.value, circuit_open_until=change.open_until
+                ),
+            )
+            self.on_pace(model, pace)
+            self.store.set_circuit(
+                self.region.name, worst.state.value, max(untils) if untils else None
+            )
+        except StoreError:
+            logger.exception("publishing the circuit failed", extra={"region": self.region.name})

@@ -89,3 +89,47 @@ IN_FLIGHT = Gauge(
     ["region"],
     multiprocess_mode="livesum",
 )
+
+# -- pacing (issue 9): backpressure is not failure ------------------------------------
+DEFERRALS = Counter(
+    "dispatcher_deferrals_total",
+    "Calls answered with backpressure (429 rate_limited, provider 429, 503 overloaded): "
+    "deferred, not counted as attempts.",
+    ["region", "model", "code"],
+)
+NOT_BEFORE = Gauge(
+    "dispatcher_not_before_seconds",
+    "Unix time before which the (region, model) claims nothing (0: no wait), shared by "
+    "every process through the store; the API reads it from the store.",
+    ["region", "model"],
+    multiprocess_mode="mostrecent",
+)
+EFFECTIVE_CONCURRENCY = Gauge(
+    "dispatcher_effective_concurrency",
+    "Adaptive concurrency (AIMD) of the (region, model) now, from the store.",
+    ["region", "model"],
+    multiprocess_mode="mostrecent",
+)
+MAX_CONCURRENCY = Gauge(
+    "dispatcher_max_concurrency",
+    "The configured concurrency of the (region, model): the ceiling of the adaptive one.",
+    ["region", "model"],
+    multiprocess_mode="mostrecent",
+)
+BUDGET_LEVEL = Gauge(
+    "dispatcher_budget_level",
+    "What is left in the (region, model)'s fleet budget bucket (unit: requests or "
+    "tokens), from the store.",
+    ["region", "model", "unit"],
+    multiprocess_mode="mostrecent",
+)
+HELD_CLAIMS = Counter(
+    "dispatcher_held_claims_total",
+    "Claim turns in which a (region, model) was held back, by reason (rate_limited, "
+    "budget, concurrency, circuit_open).",
+    ["region", "model", "reason"],
+)
+DEADLINE_EXCEEDED = Counter(
+    "dispatcher_deadline_exceeded_total",
+    "Executions ended dead because their job's deadline passed.",
+)

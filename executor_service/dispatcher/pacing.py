@@ -124,9 +124,7 @@ def is_backpressure(status: int | None, code: str | None, provider_status: Any) 
     return status == 503 and code == "overloaded"
 
 
-def deferral_wait(
-    retry_after_s: float | None, ratelimit: Mapping[str, Any] | None = None
-) -> float:
+def deferral_wait(retry_after_s: float | None, ratelimit: Mapping[str, Any] | None = None) -> float:
     """How long a deferred (region, model) waits: the Retry-After, else the provider's
     reset of its exhausted limit, else a second; never longer than MAX_DEFERRAL_S."""
     wait = retry_after_s

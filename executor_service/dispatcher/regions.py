@@ -245,7 +245,9 @@ def _limits(table: Any, models: list[str], where: str) -> dict[str, Budget]:
             raise ConfigError(f"{at} must be a table (rpm, tpm, concurrency, window_s)")
         unknown = set(entry) - LIMIT_KEYS
         if unknown:
-            raise ConfigError(f"{at}: unknown keys {sorted(unknown)}; expected {sorted(LIMIT_KEYS)}")
+            raise ConfigError(
+                f"{at}: unknown keys {sorted(unknown)}; expected {sorted(LIMIT_KEYS)}"
+            )
         for key in ("rpm", "tpm", "concurrency"):
             if key in entry and not _positive_int(entry[key]):
                 raise ConfigError(f"{at}: {key} must be an integer >= 1, not {entry[key]!r}")

@@ -6,10 +6,16 @@ Each region claims only for its own free slots and runs calls on its own pool of
 loop wakes on a short poll interval (work submitted through the API, or by another
 process), immediately when one of its calls finishes (a slot is free), and when a retry
 scheduled by this process becomes due (and again after its hand-off delay). While a
-region's circuit is open, its queued failover-any work is handed to the other regions
-(circuit.py). The heartbeat extends the leases of calls in flight; the reaper returns
-expired leases (a crashed process's calls) to the queue. Stopping stops claiming, lets
-calls in flight finish within a grace period, and releases what remains.
+(region, model)'s circuit is open, its queued failover-any work is handed to the other
+regions (circuit.py): circuits are per model, so one broken model never stalls the
+region's healthy ones. Backpressure (429, 503 overloaded) is not failure (pacing.py): a
+deferred call is logged but not counted as an attempt, never strikes a circuit, and
+slows its (region, model) down for every process through the store (not_before, AIMD);
+the claim also takes from the fleet-wide rpm/tpm budget. A job's deadline ends what is
+left of it (``expire_once``, and every call checks it). The heartbeat extends the leases
+of calls in flight; the reaper returns expired leases (a crashed process's calls) to the
+queue. Stopping stops claiming, lets calls in flight finish within a grace period, and
+releases what remains.
 
 Steppable: the call pool and the claim loop's wait are passed in (``runtime.py``), and
 ``claim_once``, ``heartbeat_once`` and ``reap_once`` are the loops' single turns. A test
@@ -27,14 +33,17 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import metrics
-from .circuit import RegionCircuit
+from . import metrics, pacing, rules
+from .circuit import ModelCircuits
 from .client import CallResult, ExecutorClient, Outcome
 from .config import DispatcherSettings
+from .pacing import Pace
+from .recording import Recorder
 from .regions import Region, Regions
 from .rules import ClaimRequest
 from .runtime import DaemonPool, Pool, ThreadWakeup, Wakeup
@@ -46,6 +55,9 @@ logger = logging.getLogger(__name__)
 # After a store error, a loop waits this long before asking again, so a store
 # outage does not become a busy loop of failing queries.
 STORE_ERROR_PAUSE_S = 1.0
+# How often the job deadlines are checked: what is left of a job ends within a second
+# of its deadline, for one indexed query per second.
+DEADLINE_SWEEP_S = 1.0
 
 
 class Caller(Protocol):
@@ -102,9 +114,9 @@ class WorkerConfig:
 
 
 def request_id_for(claim: Claim) -> str:
-    """The executor request id of one attempt: job, execution and attempt number, so the
-    executor's logs show every attempt of every execution exactly once."""
-    return f"{claim.job_id}.{claim.execution_id}.{claim.attempt}"
+    """The executor request id of one call: job, execution and call number (attempts and
+    deferrals), so the executor's logs show every call of every execution exactly once."""
+    return f"{claim.job_id}.{claim.execution_id}.{claim.call}"
 
 
 class RegionWorker:
@@ -132,12 +144,14 @@ class RegionWorker:
         self.clock = clock
         self.worker_id = worker_id
         self.on_retry_scheduled = on_retry_scheduled
-        self.circuit = RegionCircuit(
-            region.name, store, config.circuit_threshold, config.circuit_cooldown_s, clock
-        )
+        self.circuits = ModelCircuits(region, store, config, clock, self._published)
+        self.held: dict[str, pacing.Allowance] = {}  # why the last claim held models back
         self._cond = threading.Condition()  # guards _inflight
         self._inflight: dict[int, Claim] = {}
         self.wakeup = wakeup or ThreadWakeup(clock)
+        self.recorder = Recorder(
+            region, store, retries, clock, self.wakeup, lambda at: self.on_retry_scheduled(at)
+        )
         self._stopping = threading.Event()
         self._pool = pool
         self._opened = False
@@ -151,7 +165,7 @@ class RegionWorker:
         self._opened = True
         if self._pool is None:
             self._pool = DaemonPool(self.region.concurrency, f"call-{self.region.name}")
-        self.circuit.start()
+        self.circuits.start()
 
     def start(self) -> None:
         """Open, then run the claim loop in a thread of its own."""
@@ -228,23 +242,25 @@ class RegionWorker:
         """Claim for the free slots and start the calls. Returns how long to wait before
         claiming again (0: at once, there may be more work for free slots)."""
         poll = self.config.claim_poll_s
-        self.circuit.divert_if_due()  # circuit not closed: queued work goes elsewhere
+        self.circuits.divert_if_due()  # a circuit not closed: its queued work goes elsewhere
         with self._cond:
             free = self.region.concurrency - len(self._inflight)
         if free <= 0:
             return poll  # a finishing call wakes us sooner
-        allowed = self.circuit.allowance(free)
-        if allowed <= 0:
-            return self.circuit.pause_s(poll)
+        caps = self.circuits.allowances(free)
+        if not any(caps.values()):
+            return self.circuits.pause_s(poll)
         started = time.monotonic()
         request = ClaimRequest(
             region=self.spec,
-            limit=allowed,
+            limit=free,
             now=self.clock(),
             lease_s=self.config.lease_s,
             worker=self.worker_id,
             tenant_batch=self.config.tenant_batch,
             retry_handoff_s=self.config.retry_handoff_s,
+            circuit_caps=caps,
+            budgets=self.region.limits,
         )
         try:
             claims = self.store.claim(request)
@@ -252,10 +268,24 @@ class RegionWorker:
             logger.exception("claim failed", extra={"region": self.region.name})
             return STORE_ERROR_PAUSE_S
         metrics.CLAIM_SECONDS.labels(self.region.name).observe(time.monotonic() - started)
-        self.circuit.claimed(len(claims))
+        for model, count in Counter(c.model for c in claims).items():
+            self.circuits[model].claimed(count)
+        self.held = dict(getattr(claims, "held", {}))
+        for model, allowance in self.held.items():
+            metrics.HELD_CLAIMS.labels(self.region.name, model, allowance.reason).inc()
         for claim in claims:
             self._start(claim)
-        return 0.0 if len(claims) == allowed and allowed == free else poll
+        if len(claims) == free:
+            return 0.0
+        # A model held back until a known time (not_before, the budget's refill) wakes
+        # the loop then, if that is sooner than the poll.
+        untils = [a.until for a in self.held.values() if a.until is not None]
+        if untils:
+            return min(poll, max(0.001, min(untils) - request.now))
+        return poll
+
+    def _published(self, model: str, pace: Pace) -> None:
+        self.recorder.paces[model] = pace
 
     def _start(self, claim: Claim) -> None:
         metrics.CLAIMED.labels(self.region.name, claim.source).inc()
@@ -274,12 +304,17 @@ class RegionWorker:
             "job_id": claim.job_id,
             "execution": claim.execution_id,
             "attempt": claim.attempt,
+            "call": claim.call,
             "region": name,
             "model": claim.model,
         }
         started = self.clock()
         result: CallResult | None = None
         try:
+            if rules.past_deadline(claim.deadline_at, started):
+                # Claimed as its job's deadline passed: end it without a call.
+                self.recorder.end_at_deadline(claim, None, started, started, log)
+                return
             try:
                 result = self.client.execute(
                     claim.model, claim.question, request_id_for(claim), claim.params
@@ -293,52 +328,18 @@ class RegionWorker:
             finished = self.clock()
             metrics.CALLS.labels(name, result.outcome.value).inc()
             metrics.CALL_SECONDS.labels(name).observe(max(0.0, finished - started))
-            self._record(claim, result, started, finished, log)
+            self.recorder.record(claim, result, started, finished, log)
         except StoreError:
             # The store failed: the lease expires and the reaper gives it back.
             logger.exception("recording the result failed", extra=log)
         finally:
             if result is not None:
-                self.circuit.record(result.verdict)
+                self.circuits[claim.model].record(result.verdict)
             with self._cond:
                 self._inflight.pop(claim.execution_id, None)
                 self._cond.notify_all()
             metrics.IN_FLIGHT.labels(name).dec()
             self.wakeup.wake()  # a slot is free
-
-    def _record(
-        self, claim: Claim, result: CallResult, started: float, finished: float, log: dict[str, Any]
-    ) -> None:
-        name = self.region.name
-        if result.ok:
-            assert result.body is not None
-            written = self.store.complete(
-                claim.execution_id, claim.token, result.body, finished, started
-            )
-            if written:
-                logger.info("call succeeded", extra=log)
-        else:
-            error = dict(result.error or {"code": "unknown", "message": "no error recorded"})
-            retryable = result.outcome is Outcome.RETRYABLE
-            decision = self.retries.after_failure(
-                claim.attempt, claim.max_attempts, retryable, result.retry_after_s
-            )
-            gave_up = decision.gave_up.value if decision.gave_up else None
-            if gave_up is not None:
-                error["gave_up"] = gave_up
-            written = self.store.fail(
-                claim.execution_id, claim.token, error, finished, started, decision.retry_at
-            )
-            if written and decision.retry_at is not None:
-                metrics.RETRY_WAIT_SECONDS.labels(name).observe(decision.delay_s)
-                self.on_retry_scheduled(decision.retry_at)
-            if written and gave_up is not None:
-                metrics.DEAD_LETTERS.labels(name, gave_up).inc()
-            failed = {"error": error.get("code"), "retry_at": decision.retry_at, "gave_up": gave_up}
-            logger.info("call failed", extra={**log, **failed})
-        if not written:
-            metrics.LOST_LEASES.labels(name).inc()
-            logger.warning("lease lost before the result was written; discarded", extra=log)
 
 
 def default_worker_id() -> str:
@@ -402,7 +403,12 @@ class Dispatcher:
         self._started = True
         for worker in self.workers.values():
             worker.start()
-        for target, name in ((self._heartbeat, "heartbeat"), (self._reaper, "reaper")):
+        loops = (
+            (self._heartbeat, "heartbeat"),
+            (self._reaper, "reaper"),
+            (self._deadlines, "deadlines"),
+        )
+        for target, name in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -460,6 +466,21 @@ class Dispatcher:
             for worker in self.workers.values():
                 worker.wake()
         return reaped
+
+    def _deadlines(self) -> None:
+        while not self._stop.wait(DEADLINE_SWEEP_S):
+            self.expire_once()
+
+    def expire_once(self) -> int:
+        """End what is left of the jobs whose deadline has passed (dead, deadline_exceeded)."""
+        try:
+            ended = self.store.expire_deadlines(self.clock())
+        except StoreError:
+            logger.exception("deadline sweep failed")
+            return 0
+        if ended:
+            metrics.DEADLINE_EXCEEDED.inc(ended)
+        return ended
 
     def stop(self, grace_s: float | None = None) -> int:
         """Stop claiming, give calls in flight ``grace_s`` to finish, release the rest.

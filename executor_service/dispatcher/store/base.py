@@ -170,9 +170,7 @@ class Store(ABC):
         cancelled if its job was). False if the lease was lost."""
 
     @abstractmethod
-    def update_pace(
-        self, region: str, model: str, max_limit: int, change: PaceChange
-    ) -> Pace:
+    def update_pace(self, region: str, model: str, max_limit: int, change: PaceChange) -> Pace:
         """Apply ``change`` (a pacing rule) to the (region, model)'s shared pacing row
         under its lock (created at first use with ``max_limit``); return the result."""
 
@@ -195,12 +193,13 @@ class Store(ABC):
 
     @abstractmethod
     def divert_queued(self, region: str, now: float, model: str | None = None) -> int:
-        """Hand a region's queued failover-any work (of ``model`` only, when given) to the other regions (its circuit
-        is open): those executions become retry_wait, due ``now``, with last_region =
-        ``region`` and failed_at = ``now``, without an attempt counted (they never
-        ran), so claim step 1 gives them to any other region serving the model.
-        Failover-none work stays queued: it waits for its region. Rows another
-        claimer holds locked right now are skipped (the next divert takes them).
+        """Hand a region's queued failover-any work (of ``model`` only, when given) to the
+        other regions (its circuit is open): those executions become retry_wait, due
+        ``now``, with last_region = ``region`` and failed_at = ``now``, without an
+        attempt counted (they never ran), so claim step 1 gives them to any other
+        region serving the model. Failover-none work stays queued: it waits for its
+        region. Rows another claimer holds locked right now are skipped (the next
+        divert takes them).
         Returns how many were moved."""
 
     # -- regions ------------------------------------------------------------

@@ -39,7 +39,6 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from executor_service.dispatcher import rules
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
 from executor_service.dispatcher.store.base import NewJob, StoreError

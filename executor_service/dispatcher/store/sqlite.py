@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from executor_service.dispatcher import rules
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
 from executor_service.dispatcher.store.base import NewJob, StoreError
