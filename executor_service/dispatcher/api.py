@@ -29,6 +29,7 @@ from ..errors import APIError, Conflict, NotFound, error_response
 from . import metrics
 from .config import DispatcherSettings
 from .jobs import JobLimits, build_job
+from .pacing_view import pace_view, waiting_view
 from .regions import Regions
 from .scheduler import Clock
 from .schemas import (
@@ -132,6 +133,7 @@ def job_view(job: Job, counts: Mapping[str, Mapping[str, int]], now: float) -> d
         "states": states,
         "progress": {"done": done, "total": total, "fraction": done / total if total else 1.0},
         "eta_s": None if eta is None else round(eta, 3),
+        "deadline_at": job.deadline_at,
     }
 
 
@@ -146,6 +148,7 @@ def execution_view(e: Execution) -> dict[str, Any]:
         "executed_region": e.executed_region,
         "state": e.state.value,
         "attempts": e.attempts,
+        "deferrals": e.deferrals,
         "attempt_log": [
             {
                 "number": a.number,
@@ -252,7 +255,13 @@ def get_job(job_id: str) -> dict[str, Any]:
     """A job's progress: counts per requested region and state, and an ETA."""
     st = state()
     job = _owned_job(job_id)
-    return job_view(job, st.store.job_counts(job.id), st.clock())
+    counts = st.store.job_counts(job.id)
+    now = st.clock()
+    view = job_view(job, counts, now)
+    view["waiting"] = waiting_view(
+        counts, job.models, st.store.paces(list(counts)), st.regions.by_name, now
+    )
+    return view
 
 
 @blp.route("/jobs/<job_id>/results", methods=["GET"])
@@ -294,7 +303,8 @@ def cancel_job(job_id: str) -> dict[str, Any]:
 
 
 def queue_view(st: DispatcherState) -> dict[str, Any]:
-    stats = st.store.queue_stats(st.clock(), st.regions.specs())
+    now = st.clock()
+    stats = st.store.queue_stats(now, st.regions.specs())
     return {
         "global_retry": stats.global_retry,
         "dead": stats.dead,
@@ -307,6 +317,7 @@ def queue_view(st: DispatcherState) -> dict[str, Any]:
                 "in_flight": q.in_flight,
                 "circuit": q.circuit,
                 "circuit_open_until": q.circuit_open_until,
+                "models": [pace_view(p, st.regions.by_name.get(q.region), now) for p in q.paces],
             }
             for q in stats.regions
         ],
@@ -336,6 +347,15 @@ def _refresh_queue_gauges() -> None:
         for name in ("queued", "retry_wait", "in_flight"):
             metrics.QUEUE_DEPTH.labels(q["region"], name).set(q[name])
         metrics.CIRCUIT_OPEN.labels(q["region"]).set(0 if q["circuit"] == "closed" else 1)
+        for m in q["models"]:
+            labels = (q["region"], m["model"])
+            metrics.NOT_BEFORE.labels(*labels).set(m["not_before"] or 0.0)
+            metrics.EFFECTIVE_CONCURRENCY.labels(*labels).set(m["concurrency"])
+            metrics.MAX_CONCURRENCY.labels(*labels).set(m["max_concurrency"])
+            budget = m["budget"] or {}
+            for unit, key in (("requests", "requests_left"), ("tokens", "tokens_left")):
+                if budget.get(key) is not None:
+                    metrics.BUDGET_LEVEL.labels(*labels, unit).set(budget[key])
 
 
 def init_app(

@@ -33,6 +33,19 @@ def region_progress(job: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def waiting_detail(models: Mapping[str, Any]) -> str:
+    """Why a region's work waits, per model (the job's ``waiting``): rate limited for how
+    long, circuit open, adaptive concurrency k of n, an empty budget."""
+    parts = []
+    for model, view in sorted(models.items()):
+        reason = view.get("reason") or ""
+        until = view.get("not_before") or view.get("circuit_open_until")
+        if until:
+            reason += f" until {time.strftime('%H:%M:%S', time.localtime(until))}"
+        parts.append(f"{model}: {reason}")
+    return "; ".join(parts)
+
+
 def follow_job(api: DispatcherAPI, job_id: str, console: Any = None) -> dict[str, Any]:
     """Show one live progress bar per region until the job is finished; return the job."""
     from rich.console import Console
@@ -58,6 +71,9 @@ def follow_job(api: DispatcherAPI, job_id: str, console: Any = None) -> dict[str
                 detail = ", ".join(
                     f"{s} {states[s]}" for s in ("leased", "retry_wait", "dead") if states.get(s)
                 )
+                why = waiting_detail(job.get("waiting", {}).get(region, {}))
+                if why:
+                    detail = f"{detail}; {why}" if detail else why
                 progress.update(tasks[region], completed=done, total=total, detail=detail)
             if job["state"] in ("finished", "cancelled"):
                 break

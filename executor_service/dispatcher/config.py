@@ -77,6 +77,12 @@ class DispatcherSettings(CommonSettings):
     claim_poll_s: float = field(
         default=0.05, metadata={"env": "ES_CLAIM_POLL_S", "parse": _positive_float}
     )
+    # A job's deadline (schedule-to-close) when it gives no deadline_s: what is left of
+    # it then ends dead with deadline_exceeded. Deferrals (rate limits) are bounded by
+    # it, not by max_attempts; a day covers any batch a provider's limits allow.
+    job_deadline_s: float = field(
+        default=86400.0, metadata={"env": "ES_JOB_DEADLINE_S", "parse": _positive_float}
+    )
     # On SIGTERM, in-flight calls get this long to finish before their leases
     # are released for another worker.
     shutdown_grace_s: float = field(

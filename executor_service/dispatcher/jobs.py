@@ -28,10 +28,12 @@ class JobLimits:
 
     max_questions: int
     max_executions: int
+    # a job without deadline_s gets this one (ES_JOB_DEADLINE_S)
+    default_deadline_s: float | None = DispatcherSettings.default("job_deadline_s")
 
     @classmethod
     def from_settings(cls, settings: DispatcherSettings) -> JobLimits:
-        return cls(settings.max_job_questions, settings.max_job_executions)
+        return cls(settings.max_job_questions, settings.max_job_executions, settings.job_deadline_s)
 
 
 def _duplicates(items: list[str]) -> list[str]:
@@ -142,6 +144,7 @@ def build_job(
         "max_attempts": body["max_attempts"],
         "priority": body["priority"],
         "params": params,
+        "deadline_s": body.get("deadline_s"),
     }
     return NewJob(
         tenant=tenant,
@@ -154,4 +157,5 @@ def build_job(
         idempotency_key=key,
         request_hash=request_hash(canonical),
         params=params,
+        deadline_s=body.get("deadline_s") or limits.default_deadline_s,
     )

@@ -20,6 +20,10 @@ PRIORITY_RANGE = (-1000, 1000)
 MAX_ATTEMPTS_RANGE = (1, 10)
 
 
+# A week: longer is almost always a typo (and the default is a day).
+MAX_DEADLINE_S = 7 * 86400.0
+
+
 class JobParamsSchema(Schema):
     """Passed to every call of the job (see the executor's POST /execute)."""
 
@@ -72,6 +76,13 @@ class JobRequestSchema(Schema):
         metadata={"description": "or the Idempotency-Key header"},
     )
     params = fields.Nested(JobParamsSchema, load_default=dict)
+    deadline_s = fields.Float(
+        validate=validate.Range(min=1, max=MAX_DEADLINE_S),
+        metadata={
+            "description": "schedule-to-close: seconds from submission after which what is "
+            "left ends dead with deadline_exceeded (default ES_JOB_DEADLINE_S)"
+        },
+    )
 
 
 class ProgressSchema(Schema):
@@ -110,6 +121,14 @@ class JobSchema(Schema):
         allow_none=True,
         metadata={"description": "seconds left at the completion rate seen so far"},
     )
+    deadline_at = fields.Float(allow_none=True, metadata={"description": "the job's deadline"})
+    waiting = fields.Dict(
+        metadata={
+            "description": "region -> model -> why its work waits (rate_limited until T, "
+            "circuit open until T, adaptive concurrency k of n, budget use), for the "
+            "(region, model)s with work left"
+        }
+    )
 
 
 class AttemptSchema(Schema):
@@ -132,7 +151,10 @@ class ExecutionSchema(Schema):
     requested_region = fields.String()
     executed_region = fields.String(allow_none=True)
     state = fields.String(metadata={"enum": [s.value for s in State]})
-    attempts = fields.Integer()
+    attempts = fields.Integer(metadata={"description": "attempts counted toward max_attempts"})
+    deferrals = fields.Integer(
+        metadata={"description": "calls refused for rate or capacity (not attempts)"}
+    )
     attempt_log = fields.List(fields.Nested(AttemptSchema))
     last_error = fields.Dict(allow_none=True)
     output = fields.String(allow_none=True)
@@ -166,8 +188,17 @@ class RegionQueueSchema(Schema):
     queued = fields.Integer(metadata={"description": "new work requested here"})
     retry_wait = fields.Integer(metadata={"description": "this region's own retries waiting"})
     in_flight = fields.Integer()
-    circuit = fields.String(metadata={"description": "closed | open | half_open"})
+    circuit = fields.String(
+        metadata={"description": "closed | open | half_open: its worst model's circuit"}
+    )
     circuit_open_until = fields.Float(allow_none=True)
+    models = fields.List(
+        fields.Dict(),
+        metadata={
+            "description": "per model: circuit, not_before (rate limited until), adaptive "
+            "concurrency and its ceiling, deferrals, budget (rpm/tpm and what is left)"
+        },
+    )
 
 
 class QueueSchema(Schema):

@@ -210,5 +210,9 @@ class Store(ABC):
     def queue_stats(self, now: float, regions: Sequence[RegionSpec]) -> QueueStats: ...
 
     @abstractmethod
+    def paces(self, regions: Sequence[str]) -> list[Pace]:
+        """The shared pacing state of every (region, model) of these regions."""
+
+    @abstractmethod
     def job_finished(self, job_id: str) -> bool:
         """True when every execution of the job is in a final state."""

@@ -101,7 +101,7 @@ class MemoryStore(MemoryPacing, Store):
     jobs: dict[str, JobRow] = field(default_factory=dict)
     attempts: dict[int, list[Attempt]] = field(default_factory=dict)
     circuits: dict[str, tuple[str, float | None]] = field(default_factory=dict)
-    paces: dict[tuple[str, str], Pace] = field(default_factory=dict)  # (region, model)
+    pace_rows: dict[tuple[str, str], Pace] = field(default_factory=dict)  # (region, model)
     closed: bool = False
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _next_id: int = 1
@@ -427,7 +427,7 @@ class MemoryStore(MemoryPacing, Store):
                         in_flight=sum(self._leased_in(r, name) for r in rows),
                         circuit=circuit,
                         circuit_open_until=open_until,
-                        paces=[p for (rg, _), p in sorted(self.paces.items()) if rg == name],
+                        paces=[p for (rg, _), p in sorted(self.pace_rows.items()) if rg == name],
                     )
                 )
             return QueueStats(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from executor_service.dispatcher import pacing, rules
@@ -25,7 +25,7 @@ class MemoryPacing:
 
     rows: dict[int, ExecutionRow]
     jobs: dict[str, JobRow]
-    paces: dict[tuple[str, str], Pace]
+    pace_rows: dict[tuple[str, str], Pace]
     _lock: threading.RLock
 
     if TYPE_CHECKING:  # MemoryStore's
@@ -49,7 +49,7 @@ class MemoryPacing:
         return r.state == State.LEASED.value and r.executed_region == region
 
     def _pace(self, region: str, model: str, max_limit: int) -> Pace:
-        pace = self.paces.get((region, model)) or Pace.initial(region, model, max_limit)
+        pace = self.pace_rows.get((region, model)) or Pace.initial(region, model, max_limit)
         if pace.max_limit != max_limit:
             pace = pacing.with_max_limit(pace, max_limit)
         return pace
@@ -93,7 +93,7 @@ class MemoryPacing:
             if taken < len(ids):
                 held[model] = pacing.Allowance(0, "budget")
         for model, pace in paces.items():
-            self.paces[(region, model)] = pace
+            self.pace_rows[(region, model)] = pace
         return picked, held
 
     def update_pace(
@@ -102,8 +102,13 @@ class MemoryPacing:
         with self._lock:
             self._check_open()
             pace = change(self._pace(region, model, max_limit))
-            self.paces[(region, model)] = pace
+            self.pace_rows[(region, model)] = pace
             return pace
+
+    def paces(self, regions: Sequence[str]) -> list[Pace]:
+        with self._lock:
+            self._check_open()
+            return [p for (region, _), p in sorted(self.pace_rows.items()) if region in regions]
 
     def expire_deadlines(self, now: float) -> int:
         with self._lock:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from executor_service.dispatcher.pacing import Pace
 from executor_service.dispatcher.store.models import (
     Attempt,
     Claim,
@@ -189,3 +190,27 @@ def check_circuit_state(state: str) -> None:
     """Reject a circuit state the rest of the system would not understand."""
     if state not in CIRCUIT_STATES:
         raise ValueError(f"circuit state must be one of {sorted(CIRCUIT_STATES)}, not {state!r}")
+
+
+def pace_from_row(row: Mapping[str, Any]) -> Pace:
+    """A paces row as a pacing.Pace (its ``lim`` column is the ``limit`` field)."""
+    return Pace(
+        region=row["region"],
+        model=row["model"],
+        limit=int(row["lim"]),
+        max_limit=int(row["max_limit"]),
+        not_before=row["not_before"],
+        success_run=int(row["success_run"]),
+        decreased_at=row["decreased_at"],
+        requests=row["requests"],
+        tokens=row["tokens"],
+        level_at=row["level_at"],
+        deferrals=int(row["deferrals"]),
+        circuit=row["circuit"],
+        circuit_open_until=row["circuit_open_until"],
+    )
+
+
+def pace_args(pace: Pace) -> dict[str, Any]:
+    """The named parameters of pace_put."""
+    return dict(vars(pace))

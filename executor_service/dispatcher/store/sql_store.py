@@ -333,13 +333,13 @@ class SQLStore(Store, Generic[DB]):
         if row is None:
             db.execute(self.queries["pace_insert"], {**key, "max_limit": max_limit})
             row = db.execute(self.queries["pace_get"], key).fetchone()
-        pace = _pace_from_row(row)
+        pace = records.pace_from_row(row)
         if pace.max_limit != max_limit:  # the regions file changed
             pace = pacing.with_max_limit(pace, max_limit)
         return pace
 
     def _put_pace(self, db: DB, pace: Pace) -> None:
-        db.execute(self.queries["pace_put"], _pace_args(pace))
+        db.execute(self.queries["pace_put"], records.pace_args(pace))
 
     def _paced_pick(
         self, db: DB, args: dict[str, Any], request: ClaimRequest, free: int
@@ -410,6 +410,14 @@ class SQLStore(Store, Generic[DB]):
                 self._put_pace(db, after)
         return after
 
+    def paces(self, regions: Sequence[str]) -> list[Pace]:
+        with self._transaction() as db:
+            return [
+                records.pace_from_row(r)
+                for name in regions
+                for r in db.execute(self.queries["paces_of_region"], {"region": name})
+            ]
+
     def expire_deadlines(self, now: float) -> int:
         with self._transaction(write=True) as db:
             job_ids = [r["id"] for r in db.execute(self.queries["expire_jobs"], {"now": now})]
@@ -449,7 +457,7 @@ class SQLStore(Store, Generic[DB]):
             rows = self._queue_regions(db, names)
             paces = {
                 name: [
-                    _pace_from_row(r)
+                    records.pace_from_row(r)
                     for r in db.execute(self.queries["paces_of_region"], {"region": name})
                 ]
                 for name in names
@@ -495,25 +503,3 @@ class _SQLQueues(Generic[DB]):
 
     def tenant_new_work(self, tenant: str, n: int) -> list[int]:
         return self._ids("tenant_new_work", tenant=tenant, n=n)
-
-
-def _pace_from_row(row: Mapping[str, Any]) -> Pace:
-    return Pace(
-        region=row["region"],
-        model=row["model"],
-        limit=int(row["lim"]),
-        max_limit=int(row["max_limit"]),
-        not_before=row["not_before"],
-        success_run=int(row["success_run"]),
-        decreased_at=row["decreased_at"],
-        requests=row["requests"],
-        tokens=row["tokens"],
-        level_at=row["level_at"],
-        deferrals=int(row["deferrals"]),
-        circuit=row["circuit"],
-        circuit_open_until=row["circuit_open_until"],
-    )
-
-
-def _pace_args(pace: Pace) -> dict[str, Any]:
-    return dict(vars(pace))
