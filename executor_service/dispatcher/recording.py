@@ -63,12 +63,21 @@ class Recorder:
         started: float,
         finished: float,
         log: dict[str, Any],
+        counted: bool = False,
     ) -> bool:
         """The job's deadline has passed (or will before the next try): dead, with
-        code deadline_exceeded and the error that would have been retried as "last"."""
-        written = self.store.fail(
-            claim.execution_id, claim.token, rules.deadline_error(error), finished, started, None
-        )
+        code deadline_exceeded and the error that would have been retried as "last".
+        ``counted``: a real failure ended it (an attempt); a deferral, or a claim made
+        as the deadline passed (no call sent), gives its attempt back."""
+        final = rules.deadline_error(error)
+        if counted:
+            written = self.store.fail(
+                claim.execution_id, claim.token, final, finished, started, None
+            )
+        else:
+            written = self.store.defer(
+                claim.execution_id, claim.token, final, finished, started, None
+            )
         if written:
             metrics.DEADLINE_EXCEEDED.inc()
             metrics.DEAD_LETTERS.labels(self.region.name, rules.DEADLINE_EXCEEDED).inc()
@@ -103,7 +112,7 @@ class Recorder:
             if decision.retry_at is not None and rules.past_deadline(
                 claim.deadline_at, decision.retry_at
             ):
-                written = self.end_at_deadline(claim, error, started, finished, log)
+                written = self.end_at_deadline(claim, error, started, finished, log, counted=True)
             else:
                 gave_up = decision.gave_up.value if decision.gave_up else None
                 if gave_up is not None:

@@ -312,8 +312,10 @@ class RegionWorker:
         result: CallResult | None = None
         try:
             if rules.past_deadline(claim.deadline_at, started):
-                # Claimed as its job's deadline passed: end it without a call.
-                self.recorder.end_at_deadline(claim, None, started, started, log)
+                # Claimed as its job's deadline passed: no call. Given back (no attempt,
+                # its last error kept), then ended with the rest of its job.
+                self.store.release(claim.execution_id, claim.token, started)
+                self.store.expire_deadlines(started, job_ids=[claim.job_id])
                 return
             try:
                 result = self.client.execute(

@@ -161,13 +161,14 @@ class Store(ABC):
         error: dict[str, Any],
         now: float,
         started_at: float,
-        retry_at: float,
+        retry_at: float | None,
     ) -> bool:
         """Record a deferred call (backpressure: 429, 503 overloaded), fenced by token:
         logged in the attempt log like a failure, but the attempt is given back
         (attempts - 1, deferrals + 1), so it never counts toward max_attempts; the
         execution waits in retry_wait until ``retry_at`` (``rules.after_failure``:
-        cancelled if its job was). False if the lease was lost."""
+        cancelled if its job was; None: dead, its job's deadline passed). False if the
+        lease was lost."""
 
     @abstractmethod
     def update_pace(self, region: str, model: str, max_limit: int, change: PaceChange) -> Pace:
@@ -175,9 +176,10 @@ class Store(ABC):
         under its lock (created at first use with ``max_limit``); return the result."""
 
     @abstractmethod
-    def expire_deadlines(self, now: float) -> int:
+    def expire_deadlines(self, now: float, job_ids: Sequence[str] | None = None) -> int:
         """Jobs whose deadline has passed: their queued and retry_wait executions become
-        dead with ``rules.deadline_error`` (each job once). Returns how many."""
+        dead with ``rules.deadline_error`` (each job once; ``job_ids``: these jobs, again,
+        for work given back after the sweep). Returns how many."""
 
     @abstractmethod
     def release(self, execution_id: int, token: str, now: float) -> bool:

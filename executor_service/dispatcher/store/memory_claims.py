@@ -110,13 +110,16 @@ class MemoryPacing:
             self._check_open()
             return [p for (region, _), p in sorted(self.pace_rows.items()) if region in regions]
 
-    def expire_deadlines(self, now: float) -> int:
+    def expire_deadlines(self, now: float, job_ids: Sequence[str] | None = None) -> int:
         with self._lock:
             self._check_open()
             ended = 0
             waiting = {State.QUEUED.value, State.RETRY_WAIT.value}
             for job in self.jobs.values():
-                if job.expired or not rules.past_deadline(job.job.deadline_at, now):
+                if job_ids is not None:
+                    if job.job.id not in job_ids:
+                        continue
+                elif job.expired or not rules.past_deadline(job.job.deadline_at, now):
                     continue
                 job.expired = True
                 job_id = job.job.id
@@ -134,7 +137,7 @@ class MemoryPacing:
         error: dict[str, Any],
         now: float,
         started_at: float,
-        retry_at: float,
+        retry_at: float | None,
     ) -> bool:
         with self._lock:
             self._check_open()

@@ -273,7 +273,7 @@ class SQLStore(Store, Generic[DB]):
         error: dict[str, Any],
         now: float,
         started_at: float,
-        retry_at: float,
+        retry_at: float | None,
     ) -> bool:
         lease = {"id": execution_id, "token": token}
         with self._transaction(write=True) as db:
@@ -418,9 +418,10 @@ class SQLStore(Store, Generic[DB]):
                 for r in db.execute(self.queries["paces_of_region"], {"region": name})
             ]
 
-    def expire_deadlines(self, now: float) -> int:
+    def expire_deadlines(self, now: float, job_ids: Sequence[str] | None = None) -> int:
         with self._transaction(write=True) as db:
-            job_ids = [r["id"] for r in db.execute(self.queries["expire_jobs"], {"now": now})]
+            if job_ids is None:
+                job_ids = [r["id"] for r in db.execute(self.queries["expire_jobs"], {"now": now})]
             if not job_ids:
                 return 0
             args = {"now": now, "job_ids": self._list(job_ids), "message": rules.DEADLINE_MESSAGE}
