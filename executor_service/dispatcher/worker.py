@@ -6,15 +6,11 @@ Each region claims only for its own free slots and runs calls on its own pool of
 loop wakes on a short poll interval (work submitted through the API, or by another
 process), immediately when one of its calls finishes (a slot is free), and when a retry
 scheduled by this process becomes due (and again after its hand-off delay). While a
-(region, model)'s circuit is open, its queued failover-any work is handed to the other
-regions (circuit.py): circuits are per model, so one broken model never stalls the
-region's healthy ones. Backpressure (429, 503 overloaded) is not failure (pacing.py): a
-deferred call is logged but not counted as an attempt, never strikes a circuit, and
-slows its (region, model) down for every process through the store (not_before, AIMD);
-the claim also takes from the fleet-wide rpm/tpm budget. A job's deadline ends what is
-left of it (``expire_once``, and every call checks it). The heartbeat extends the leases
-of calls in flight; the reaper returns expired leases (a crashed process's calls) to the
-queue. Stopping stops claiming, lets calls in flight finish within a grace period, and
+(region, model)'s circuit (circuit.py) is open, its queued failover-any work goes to the
+other regions. Backpressure is not failure: what a finished call does is recording.py's
+(pacing.py's rules). The heartbeat extends the leases of calls in flight; the reaper
+returns expired leases to the queue; the deadline sweep ends what is left of expired
+jobs. Stopping stops claiming, lets calls in flight finish within a grace period, and
 releases what remains.
 
 Steppable: the call pool and the claim loop's wait are passed in (``runtime.py``), and
@@ -42,7 +38,6 @@ from . import metrics, pacing, rules
 from .circuit import ModelCircuits
 from .client import CallResult, ExecutorClient, Outcome
 from .config import DispatcherSettings
-from .pacing import Pace
 from .recording import Recorder
 from .regions import Region, Regions
 from .rules import ClaimRequest
@@ -55,8 +50,7 @@ logger = logging.getLogger(__name__)
 # After a store error, a loop waits this long before asking again, so a store
 # outage does not become a busy loop of failing queries.
 STORE_ERROR_PAUSE_S = 1.0
-# How often the job deadlines are checked: what is left of a job ends within a second
-# of its deadline, for one indexed query per second.
+# Deadline sweeps: a job's leftovers end within a second, for one indexed query a second.
 DEADLINE_SWEEP_S = 1.0
 
 
@@ -144,7 +138,9 @@ class RegionWorker:
         self.clock = clock
         self.worker_id = worker_id
         self.on_retry_scheduled = on_retry_scheduled
-        self.circuits = ModelCircuits(region, store, config, clock, self._published)
+        self.circuits = ModelCircuits(
+            region, store, config, clock, lambda m, p: self.recorder.paces.__setitem__(m, p)
+        )
         self.held: dict[str, pacing.Allowance] = {}  # why the last claim held models back
         self._cond = threading.Condition()  # guards _inflight
         self._inflight: dict[int, Claim] = {}
@@ -277,15 +273,11 @@ class RegionWorker:
             self._start(claim)
         if len(claims) == free:
             return 0.0
-        # A model held back until a known time (not_before, the budget's refill) wakes
-        # the loop then, if that is sooner than the poll.
+        # A model held back until a known time (not_before, a budget refill) wakes us then.
         untils = [a.until for a in self.held.values() if a.until is not None]
         if untils:
             return min(poll, max(0.001, min(untils) - request.now))
         return poll
-
-    def _published(self, model: str, pace: Pace) -> None:
-        self.recorder.paces[model] = pace
 
     def _start(self, claim: Claim) -> None:
         metrics.CLAIMED.labels(self.region.name, claim.source).inc()
@@ -300,14 +292,8 @@ class RegionWorker:
     # -- running one call ----------------------------------------------------
     def _run(self, claim: Claim) -> None:
         name = self.region.name
-        log = {
-            "job_id": claim.job_id,
-            "execution": claim.execution_id,
-            "attempt": claim.attempt,
-            "call": claim.call,
-            "region": name,
-            "model": claim.model,
-        }
+        log = {"job_id": claim.job_id, "execution": claim.execution_id, "call": claim.call}
+        log.update(attempt=claim.attempt, region=name, model=claim.model)
         started = self.clock()
         result: CallResult | None = None
         try:
@@ -480,8 +466,7 @@ class Dispatcher:
         except StoreError:
             logger.exception("deadline sweep failed")
             return 0
-        if ended:
-            metrics.DEADLINE_EXCEEDED.inc(ended)
+        metrics.DEADLINE_EXCEEDED.inc(ended)
         return ended
 
     def stop(self, grace_s: float | None = None) -> int:

@@ -134,7 +134,9 @@ def test_two_dispatchers_on_one_postgres_share_one_rpm_budget(tmp_path: Path) ->
     calls = arrivals(tmp_path, "sim-rpm")
     refused = sum(1 for _, ok, _ in calls if not ok)
     busiest = max_in_window([t for t, _, _ in calls], WINDOW_S)
-    logger.warning("two processes: calls %s, %d refused, busiest window %d", shares, refused, busiest)
+    logger.warning(
+        "two processes: calls %s, %d refused, busiest window %d", shares, refused, busiest
+    )
     assert min(shares) > 0  # both processes sent calls
     assert_no_attempt_spent_on_backpressure(executions)
     # Counted at the provider: no sliding window holds more than the one shared budget
@@ -166,7 +168,9 @@ def test_calls_with_large_max_tokens_are_paced_by_tokens(tmp_path: Path) -> None
     refused = sum(1 for _, ok, _ in calls if not ok)
     busiest = max_in_window([t for t, _, _ in calls], WINDOW_S)
     used = min(e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"] for e in executions)
-    logger.warning("tpm: %d calls, %d refused, busiest window %d calls", len(calls), refused, busiest)
+    logger.warning(
+        "tpm: %d calls, %d refused, busiest window %d calls", len(calls), refused, busiest
+    )
     assert_no_attempt_spent_on_backpressure(executions)
     assert refused <= 0.05 * len(calls)
     # Paced by tokens: the busiest window holds about tpm / tokens per call (plus the

@@ -26,7 +26,6 @@ from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
 from executor_service.dispatcher.store.base import (
     Attempt,
-    Claim,
     Claims,
     Execution,
     Failover,

@@ -338,9 +338,6 @@ class SQLStore(Store, Generic[DB]):
             pace = pacing.with_max_limit(pace, max_limit)
         return pace
 
-    def _put_pace(self, db: DB, pace: Pace) -> None:
-        db.execute(self.queries["pace_put"], records.pace_args(pace))
-
     def _paced_pick(
         self, db: DB, args: dict[str, Any], request: ClaimRequest, free: int
     ) -> tuple[list[tuple[int, rules.Source, int]], dict[str, Any]]:
@@ -385,20 +382,16 @@ class SQLStore(Store, Generic[DB]):
                 held[model] = pacing.Allowance(0, "budget")
         for model, pace in paces.items():
             if pace != before[model]:
-                self._put_pace(db, pace)
+                db.execute(self.queries["pace_put"], records.pace_args(pace))
         return picked, held
 
     def _costs(self, db: DB, ids: list[int]) -> dict[int, int]:
         """Each execution's estimated tokens: prompt characters / 4 + its max_tokens."""
-        if not ids:
-            return {}
-        rows = db.execute(self.queries["claim_costs"], {"ids": self._list(ids)})
-        return {
-            r["id"]: pacing.estimate_tokens(
-                int(r["chars"]), (self._loads(r["params"]) or {}).get("max_tokens")
-            )
-            for r in rows
-        }
+        rows: Iterable[Any] = (
+            db.execute(self.queries["claim_costs"], {"ids": self._list(ids)}) if ids else []
+        )
+        estimate, loads = pacing.estimate_tokens, self._loads
+        return {r["id"]: estimate(r["chars"], loads(r["params"]).get("max_tokens")) for r in rows}
 
     def update_pace(
         self, region: str, model: str, max_limit: int, change: pacing.PaceChange
@@ -407,7 +400,7 @@ class SQLStore(Store, Generic[DB]):
             pace = self._pace_for_update(db, region, model, max_limit)
             after = change(pace)
             if after != pace:
-                self._put_pace(db, after)
+                db.execute(self.queries["pace_put"], records.pace_args(after))
         return after
 
     def paces(self, regions: Sequence[str]) -> list[Pace]:
@@ -426,9 +419,7 @@ class SQLStore(Store, Generic[DB]):
                 return 0
             args = {"now": now, "job_ids": self._list(job_ids), "message": rules.DEADLINE_MESSAGE}
             ended = db.execute(self.queries["expire_executions"], args).rowcount
-        self._logger.warning(
-            "job deadline passed", extra={"jobs": job_ids[:20], "executions": ended}
-        )
+        self._logger.warning("job deadline passed", extra={"jobs": job_ids[:20], "ended": ended})
         return ended
 
     @staticmethod
