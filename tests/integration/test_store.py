@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from store_fixtures import PostgresDatabases, sqlite_url
 
+from executor_service.dispatcher import pacing
+from executor_service.dispatcher.pacing import Budget
 from executor_service.dispatcher.rules import DEFAULT_RETRY_HANDOFF_S, ClaimRequest
 from executor_service.dispatcher.store import DatabaseURLError, open_store
 from executor_service.dispatcher.store.base import (
@@ -696,3 +698,95 @@ def test_claim_stays_correct_with_100_000_executions_queued(store: Store) -> Non
     ]
     stats = store.queue_stats(T0, [R1])
     assert (stats.regions[0].queued, stats.regions[0].in_flight) == (100_001, 4)
+
+
+# -- pacing and deadlines (issue 9) ------------------------------------------------
+
+
+def paced_claim(store: Store, now: float = T0, **request: object) -> list[Claim]:
+    return store.claim(ClaimRequest(R1, 100, now, LEASE_S, "worker-1", 1_000, **request))  # type: ignore[arg-type]
+
+
+def test_a_deferral_is_logged_but_never_an_attempt(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1, max_attempts=1), T0)
+    (c,) = claim(store)
+    refused = {"code": "rate_limited", "deferred": True, "wait_s": 2.0}
+    assert store.defer(c.execution_id, c.token, refused, T0 + 1, T0, T0 + 3)
+    e = execution(store, job.id, c.execution_id)
+    assert (e.state, e.attempts, e.deferrals, e.due_at) == (State.RETRY_WAIT, 0, 1, T0 + 3)
+    assert [a.error for a in e.attempt_log] == [refused]
+    # max_attempts 1 is still whole: the next call is attempt 1, call 2 (after the hand-off)
+    (again,) = claim(store, now=T0 + 4)
+    assert (again.attempt, again.call) == (1, 2)
+    assert store.complete(again.execution_id, again.token, {"output": "ok"}, T0 + 5, T0 + 4)
+    e = execution(store, job.id, c.execution_id)
+    assert (e.state, e.attempts, e.deferrals) == (State.SUCCEEDED, 1, 1)
+    assert [a.number for a in e.attempt_log] == [1, 2]
+
+
+def test_not_before_holds_one_model_back_and_not_the_others(store: Store) -> None:
+    store.create_job(make_job(questions=3, models=("m1", "m2")), T0)
+    store.update_pace(
+        "r1", "m1", 100, lambda p: pacing.after_deferral(p, T0, wait_s=5.0, call_started_at=T0)
+    )
+    claims = paced_claim(store)
+    assert {c.model for c in claims} == {"m2"}
+    held = getattr(claims, "held", {})
+    assert held["m1"].reason == "rate_limited" and held["m1"].until == T0 + 5
+    assert {c.model for c in paced_claim(store, now=T0 + 5)} == {"m1"}
+    # AIMD halved m1 to 50 of 100; m2 is untouched
+    paces = {p.model: p for p in store.paces(["r1"])}
+    assert (paces["m1"].limit, paces["m1"].deferrals) == (50, 1)
+
+
+def test_the_rpm_budget_is_one_bucket_for_every_claimer(store_url: str) -> None:
+    stores = [open_store(store_url) for _ in range(2)]
+    try:
+        stores[0].create_job(make_job(questions=50), T0)
+        budgets = {"m1": Budget(rpm=60, window_s=60.0)}  # burst 1, then 59/60 per second
+        got = [len(paced_claim(s, now=T0, budgets=budgets)) for s in stores]
+        assert sorted(got) == [0, 1]  # the first claimer takes the one call, not each
+        later = [len(paced_claim(s, now=T0 + 10.0, budgets=budgets)) for s in stores]
+        assert sum(later) == 1  # a bucket of one call refilled: one more, fleet-wide
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_the_tpm_budget_reserves_estimated_tokens_and_settles_real_usage(store: Store) -> None:
+    store.create_job(make_job(questions=5, params={"max_tokens": 100}), T0)
+    budgets = {"m1": Budget(tpm=6000, window_s=60.0)}  # burst 100 tokens
+    (c,) = paced_claim(store, budgets=budgets)
+    assert c.reserved_tokens == pacing.estimate_tokens(len(c.question), 100)
+    # the bucket is in debt: 0.2 s of refill (~98 tokens/s) would not fill it again
+    assert paced_claim(store, budgets=budgets) == []
+    used = 10
+    pace = store.update_pace(
+        "r1", "m1", 100, lambda p: pacing.settle(p, budgets["m1"], c.reserved_tokens, used, T0)
+    )
+    assert pace.tokens == pytest.approx(100 - used)  # the unused reservation came back
+    assert len(paced_claim(store, now=T0 + 0.2, budgets=budgets)) == 1
+
+
+def test_a_model_whose_circuit_is_open_is_held_back_alone(store: Store) -> None:
+    store.create_job(make_job(questions=2, models=("m1", "m2")), T0)
+    claims = paced_claim(store, circuit_caps={"m1": 0, "m2": 100})
+    assert {c.model for c in claims} == {"m2"}
+    assert getattr(claims, "held", {})["m1"].reason == "circuit_open"
+
+
+def test_a_jobs_deadline_ends_what_is_left_of_it(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=3, deadline_s=60.0), T0)
+    assert job.deadline_at == T0 + 60
+    running, waiting, _ = claim(store, limit=3)
+    assert store.defer(
+        waiting.execution_id, waiting.token, {"code": "rate_limited"}, T0, T0, T0 + 1
+    )
+    assert store.expire_deadlines(T0 + 59) == 0
+    assert store.expire_deadlines(T0 + 60) == 1  # the deferred one; the others are leased
+    assert store.expire_deadlines(T0 + 61) == 0  # each job once
+    e = execution(store, job.id, waiting.execution_id)
+    assert e.state is State.DEAD and e.last_error is not None
+    assert e.last_error["code"] == "deadline_exceeded"
+    assert e.last_error["last"] == {"code": "rate_limited"}
+    assert store.complete(running.execution_id, running.token, {"output": "x"}, T0 + 62, T0)
