@@ -5,7 +5,9 @@ Target (DESIGN.md): 0 dead, makespan <= 1.10x N/R, calls refused (429) <= 2% of 
 The provider is the simulated model's rate-limit mode: a token bucket of R requests per
 window (``--window``; 60 s is a real rpm, the default 10 s keeps the run to a couple of
 minutes: the same rules at a shorter unit), kept in a file so both gunicorn workers of
-the executor share it, 429 with Retry-After and x-ratelimit-* beyond it. It logs every
+the executor share it, 429 with Retry-After and x-ratelimit-* beyond it. Its request
+bucket holds one second's worth (``--burst``), as providers that enforce "300 rpm" as 5
+per second do; ``--burst 0`` lets a whole window's R through at once. It logs every
 call it receives (admitted or refused), so the counts are taken at the provider. Each
 mode gets its own model (its own bucket and log), its own fresh store, and two
 ``executor-service dispatcher`` processes (one with the API, one ``--no-api``):
@@ -62,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rpm", type=int, default=60, help="R: requests per window")
     parser.add_argument("--window", type=float, default=10.0, help="the limit's window, s")
     parser.add_argument("--calls", type=int, default=150, help="N: executions in the job")
+    parser.add_argument(
+        "--burst",
+        type=float,
+        default=1.0,
+        help="the provider's request bucket holds this many seconds' worth (0: a whole "
+        "window, a burst of R at once)",
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="the region's slots")
     parser.add_argument("--latency", type=float, default=0.05, help="the model's latency, s")
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="postgres")
@@ -152,6 +161,8 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path, ex: Executor) -> di
         "calls": len(calls),
         "refused": refused,
         "busiest": max_in_window([t for t, _ in calls], args.window),
+        "attempts": sum(e["attempts"] for e in executions),
+        "deferrals": sum(e.get("deferrals", 0) for e in executions),
     }
 
 
@@ -173,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rate_window_s": args.window,
                 "rate_state_file": str(tmp / f"sim-{mode}.bucket"),
                 "rate_log": str(tmp / f"sim-{mode}.arrivals"),
+                **({"rate_burst_s": args.burst} if args.burst > 0 else {}),
             }
             for mode in modes
         }
@@ -183,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"provider: {args.rpm} requests per {args.window:g} s "
             f"(= {args.rpm * 60 / args.window:g} rpm), token bucket shared by 2 executor "
-            f"workers, {args.latency:g} s latency; "
+            f"workers holding {f'{args.burst:g} s' if args.burst > 0 else 'a window'} of it, "
+            f"{args.latency:g} s latency; "
             f"job of N={args.calls} calls, region concurrency {args.concurrency}, 2 dispatcher "
             f"processes on {args.store}; N/R = {args.calls * args.window / args.rpm:.1f} s"
         )
@@ -194,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {mode:9s} dead {r['dead']:4d}/{args.calls}  makespan {r['makespan_s']:6.1f} s "
                 f"= {r['makespan_s'] / r['ideal_s']:.2f}x N/R  calls sent {r['calls']:5d}  "
                 f"refused {r['refused']:5d} ({r['refused'] / max(1, r['calls']):.1%})  busiest "
-                f"window {r['busiest']} (limit {args.rpm})",
+                f"window {r['busiest']} (limit {args.rpm}); attempts counted "
+                f"{r['attempts']}, deferrals {r['deferrals']}",
                 flush=True,
             )
     for r in results:

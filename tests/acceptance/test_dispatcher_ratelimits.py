@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from dispatcher_harness import DispatcherProcess, executor, postgres_database, wait_finished
-from support import Gunicorn
+from support import Gunicorn, wait_until
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
@@ -205,12 +205,21 @@ def test_an_always_429_model_does_not_stall_a_healthy_one(tmp_path: Path) -> Non
                     "deadline_s": deadline_s,
                 }
             )
+            # While it runs, the job says why the 429 model's work waits, and only its.
+            waiting = wait_until(
+                lambda: api.job(job["id"])["waiting"].get("r1"), timeout=30, what="waiting"
+            )
             view = wait_finished(api, job["id"], timeout=60)
             executions = api.results(job["id"])["executions"]
             queue = api.queue()
     ok = [e for e in executions if e["model"] == "sim-ok"]
     limited = [e for e in executions if e["model"] == "sim-429"]
     assert len(ok) == len(limited) == len(questions)
+    assert set(waiting) == {"sim-429"}
+    assert (
+        "rate limited" in waiting["sim-429"]["reason"]
+        or "concurrency" in waiting["sim-429"]["reason"]
+    )
     # The healthy model: every answer, first try, no wait, long before the deadline.
     for e in ok:
         assert e["state"] == "succeeded" and e["attempts"] == 1 and e["deferrals"] == 0

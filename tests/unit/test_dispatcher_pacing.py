@@ -132,3 +132,18 @@ def test_settle_gives_back_what_a_call_did_not_use() -> None:
 def test_estimate_is_prompt_characters_over_four_plus_max_tokens() -> None:
     assert pacing.estimate_tokens(10, 100) == 103
     assert pacing.estimate_tokens(0, None) == pacing.DEFAULT_MAX_TOKENS
+
+
+def test_the_follow_bars_say_why_a_models_work_waits() -> None:
+    from executor_service.dispatcher.commands import waiting_detail
+    from executor_service.dispatcher.pacing_view import pace_view
+
+    pace = pacing.after_deferral(
+        Pace.initial("r", "m", 8), now=100.0, wait_s=30.0, call_started_at=99.0
+    )
+    view = pace_view(pace, None, now=101.0)
+    assert view["reason"] == "rate limited, concurrency 4 of 8"
+    assert view["not_before"] == 130.0
+    detail = waiting_detail({"m": view})
+    assert detail.startswith("m: rate limited, concurrency 4 of 8 until ")
+    assert pace_view(Pace.initial("r", "m", 8), None, now=101.0)["reason"] is None

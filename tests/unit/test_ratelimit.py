@@ -93,6 +93,14 @@ def test_the_bucket_admits_a_window_then_refuses_with_the_wait() -> None:
     assert not bucket.acquire().admitted
 
 
+def test_a_short_burst_enforces_a_per_minute_limit_per_second() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rpm=300, tpm=None, window_s=60.0, clock=clock, burst_s=1.0)
+    assert sum(bucket.acquire().admitted for _ in range(20)) == 5  # 300 rpm: 5 at once
+    clock.now += 1.0
+    assert sum(bucket.acquire().admitted for _ in range(20)) == 5
+
+
 def test_the_bucket_paces_tokens_and_settles_real_usage() -> None:
     clock = FakeClock()
     bucket = TokenBucket(rpm=None, tpm=1000, window_s=10.0, clock=clock)

@@ -167,7 +167,8 @@ class _Level:
 
 class TokenBucket:
     """``rpm`` requests and ``tpm`` tokens per ``window_s`` seconds (either may be None:
-    unlimited). Each bucket holds at most one window's worth and refills continuously;
+    unlimited). Each bucket holds at most one window's worth (requests: ``burst_s``
+    seconds' worth, when given) and refills continuously;
     a request takes one request and its token cost, or is refused whole with the time
     until it would fit. ``settle`` gives back (or takes) the difference between the
     tokens charged at admission and the tokens really used.
@@ -184,12 +185,21 @@ class TokenBucket:
         window_s: float = 60.0,
         clock: Clock = time.time,
         state_file: Path | None = None,
+        burst_s: float | None = None,
     ) -> None:
         if (rpm is not None and rpm < 1) or (tpm is not None and tpm < 1):
             raise ValueError("rpm and tpm must be >= 1")
         if window_s <= 0:
             raise ValueError("window_s must be > 0")
+        if burst_s is not None and not 0 < burst_s <= window_s:
+            raise ValueError("burst_s must be in (0, window_s]")
         self.rpm, self.tpm, self.window_s = rpm, tpm, window_s
+        # The requests the bucket holds: a whole window's by default; with burst_s, that
+        # many seconds' worth (at least one), as providers that enforce a per-minute
+        # limit per second do (300 rpm as 5 per second).
+        self.request_capacity = float(rpm or 0)
+        if rpm is not None and burst_s is not None:
+            self.request_capacity = max(1.0, rpm * burst_s / window_s)
         self.clock = clock
         self.state_file = state_file
         self._lock = threading.Lock()
@@ -200,7 +210,7 @@ class TokenBucket:
         elapsed = max(0.0, now - level.at)
         per_s = elapsed / self.window_s
         if self.rpm is not None:
-            level.requests = min(float(self.rpm), level.requests + per_s * self.rpm)
+            level.requests = min(self.request_capacity, level.requests + per_s * self.rpm)
         if self.tpm is not None:
             level.tokens = min(float(self.tpm), level.tokens + per_s * self.tpm)
         level.at = max(level.at, now)
@@ -211,7 +221,9 @@ class TokenBucket:
             info.update(
                 limit_requests=self.rpm,
                 remaining_requests=max(0, math.floor(level.requests)),
-                reset_requests_s=(self.rpm - level.requests) * self.window_s / self.rpm,
+                reset_requests_s=(self.request_capacity - level.requests)
+                * self.window_s
+                / self.rpm,
             )
         if self.tpm is not None:
             info.update(
@@ -247,7 +259,7 @@ class TokenBucket:
 
     # -- state ----------------------------------------------------------------
     def _full(self, now: float) -> _Level:
-        return _Level(float(self.rpm or 0), float(self.tpm or 0), now)
+        return _Level(self.request_capacity, float(self.tpm or 0), now)
 
     def _with_level(self, step: Callable[[_Level, float], Any]) -> Any:
         with self._lock:

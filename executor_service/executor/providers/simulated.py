@@ -17,6 +17,8 @@ Rate-limit mode (a real provider's limit, not random failures):
                      its prompt (characters / 4) plus max_tokens when admitted; its real
                      usage is settled after the answer (unused tokens come back)
     rate_window_s    the window of rpm and tpm (default 60; tests use a few seconds)
+    rate_burst_s     the request bucket holds this many seconds' worth (default: the whole
+                     window); 1 models a provider that enforces 300 rpm as 5 per second
     rate_state_file  a file that holds the bucket: every process naming it shares one
                      limit (a replica's gunicorn workers, as at a provider deployment);
                      without it each worker process has its own bucket
@@ -71,12 +73,14 @@ class SimulatedProvider(Provider):
         self.bucket: TokenBucket | None = None
         if rpm is not None or tpm is not None:
             state_file = options.get("rate_state_file")
+            burst = options.get("rate_burst_s")
             try:
                 self.bucket = TokenBucket(
                     None if rpm is None else int(rpm),
                     None if tpm is None else int(tpm),
                     float(options.get("rate_window_s", 60.0)),
                     state_file=Path(state_file) if state_file else None,
+                    burst_s=None if burst is None else float(burst),
                 )
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"simulated model {model!r}: bad rate limit: {exc}") from None
