@@ -197,12 +197,13 @@ class Process:
         self.argv = argv
         self.env = dict(env)
         self.log_path = log
+        self.cwd = REPO  # another directory keeps ``python -m`` from importing this checkout
         self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
 
     @property

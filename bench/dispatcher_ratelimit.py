@@ -136,9 +136,11 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path, ex: Executor) -> di
     with ExitStack() as stack:
         url = stack.enter_context(store_url(args.store, tmp))
         front = Dispatcher(tmp, url, regions, env=env, name=f"dispatcher-{mode}-1")
+        back = Dispatcher(tmp, url, regions, env=env, api=False, name=f"dispatcher-{mode}-2")
+        if mode == "baseline":  # not this checkout's directory: python -m would import it
+            front.cwd = back.cwd = tmp
         stack.callback(front.stop)
         front.start()
-        back = Dispatcher(tmp, url, regions, env=env, api=False, name=f"dispatcher-{mode}-2")
         stack.callback(back.stop)
         back.start()
         api = front.api()
