@@ -119,6 +119,13 @@ class ClaimGroup:
     budgeted: bool = False
 
 
+def counts_in_flight(request: ClaimRequest, paces: Mapping[str, Pace]) -> bool:
+    """Whether plan_claim needs each model's calls in flight: only when some model may
+    run fewer than the region's slots (adaptive concurrency cut, or a model limit);
+    otherwise the region's free slots are the tighter bound (a query saved per claim)."""
+    return any(p.limit < request.region.concurrency for p in paces.values())
+
+
 def plan_claim(
     request: ClaimRequest, paces: dict[str, Pace], in_flight: Mapping[str, int], free: int
 ) -> tuple[list[ClaimGroup], dict[str, Allowance]]:

@@ -62,7 +62,9 @@ class MemoryPacing:
         paces = {
             m: self._pace(region, m, request.max_limit(m)) for m in sorted(request.region.models)
         }
-        in_flight = Counter(r.model for r in self._where(lambda r: self._leased_in(r, region)))
+        in_flight: Counter[str] = Counter()
+        if rules.counts_in_flight(request, paces):
+            in_flight.update(r.model for r in self._where(lambda r: self._leased_in(r, region)))
         groups, held = rules.plan_claim(request, paces, in_flight, free)
         picked: list[tuple[int, rules.Source, int]] = []
         for group in groups:

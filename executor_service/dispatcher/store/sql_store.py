@@ -353,10 +353,10 @@ class SQLStore(Store, Generic[DB]):
             for m in sorted(request.region.models)
         }
         before = dict(paces)
-        in_flight = {
-            r["model"]: r["n"]
-            for r in db.execute(self.queries["leased_by_model"], {"region": region})
-        }
+        in_flight = {}
+        if rules.counts_in_flight(request, paces):  # a model below the region's slots
+            leased = db.execute(self.queries["leased_by_model"], {"region": region})
+            in_flight = {r["model"]: r["n"] for r in leased}
         groups, held = rules.plan_claim(request, paces, in_flight, free)
         picked: list[tuple[int, rules.Source, int]] = []
         for group in groups:
