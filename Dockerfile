@@ -84,12 +84,15 @@ FROM ${BASE_IMAGE} AS runtime
 # target port and probes use the same number.
 ARG PORT=8000
 
+# XDG_RUNTIME_DIR: gunicorn (25.1 and later) puts its control socket there,
+# else under $HOME, which the image's user does not have (an ERROR at start).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:${PATH} \
     PORT=${PORT} \
     HOST=0.0.0.0 \
-    GUNICORN_CMD_ARGS="--worker-tmp-dir /dev/shm"
+    GUNICORN_CMD_ARGS="--worker-tmp-dir /dev/shm" \
+    XDG_RUNTIME_DIR=/dev/shm
 
 # A fixed numeric uid, so a platform that checks "runs as non-root" can tell.
 RUN groupadd --system --gid 10001 executor \

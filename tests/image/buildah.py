@@ -174,13 +174,21 @@ def uids(pid: int) -> tuple[int, int]:
     raise AssertionError(f"no Uid line for {pid}")
 
 
+def runs(pid: int, program: str) -> bool:
+    """Whether the process is ``program`` itself or a Python interpreter running it (not
+    buildah's own ``buildah-chroot-exec PROGRAM``, which runs as root outside the image)."""
+    argv = cmdline(pid)
+    if not argv:
+        return False
+    first = Path(argv[0]).name
+    if first == program:
+        return True
+    return first.startswith("python") and len(argv) > 1 and Path(argv[1]).name == program
+
+
 def processes_running(runner: subprocess.Popen[bytes], program: str) -> list[int]:
-    """The processes under ``buildah run`` whose command line names ``program``."""
-    return [
-        pid
-        for pid in descendants(runner.pid)
-        if any(Path(part).name == program for part in cmdline(pid)[:2])
-    ]
+    """The processes under ``buildah run`` that run ``program``."""
+    return [pid for pid in descendants(runner.pid) if runs(pid, program)]
 
 
 def main_process(runner: subprocess.Popen[bytes], program: str) -> int | None:
