@@ -16,7 +16,7 @@ export CONTAINERS_CONF="${CONTAINERS_CONF:-$here/containers.conf}"
 # The local base image's name; the tag is a hash of the recipe (make-base.sh and
 # its package list), so changing the recipe makes a new base.
 base_tag() {
-  echo "localhost/executor-service-base:bookworm-$(cat "$here/make-base.sh" | sha256sum | cut -c1-12)"
+  echo "localhost/executor-service-base:bookworm-$(sha256sum < "$here/make-base.sh" | cut -c1-12)"
 }
 
 need_tools() {
@@ -29,5 +29,6 @@ need_tools() {
   fi
   echo "== apt-get install ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # With the recommended packages, as tried here (debootstrap wants Debian's keyring).
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
