@@ -21,6 +21,9 @@ from .errors import Unauthorized
 DEFAULT_TENANT = "default"
 # Routes a platform probes without credentials; they reveal nothing but liveness.
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# Endpoints a role declares public (``public_endpoint``): pages and their static files,
+# which carry no data (the page's script sends the key with each API call).
+PUBLIC_ENDPOINTS_KEY = "public_endpoints"
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,18 @@ def init_app(app: Flask, keyring: KeyRing) -> None:
             return
         if request.path in PUBLIC_PATHS:
             return
+        if request.endpoint in app.extensions.get(PUBLIC_ENDPOINTS_KEY, ()):
+            return
         token = bearer_token()
         tenant = keyring.tenant_for(token) if token else None
         if tenant is None:
             raise Unauthorized(headers={"WWW-Authenticate": 'Bearer realm="executor-service"'})
         g.tenant = tenant
+
+
+def public_endpoint(app: Flask, endpoint: str) -> None:
+    """Serve ``endpoint`` without a key (it must carry no tenant data)."""
+    app.extensions.setdefault(PUBLIC_ENDPOINTS_KEY, set()).add(endpoint)
 
 
 def is_loopback(host: str) -> bool:
