@@ -26,7 +26,7 @@ from flask import Flask, Response, current_app, g, request, stream_with_context
 from flask_smorest import Blueprint
 
 from ..errors import APIError, Conflict, NotFound, error_response
-from . import metrics
+from . import metrics, progress
 from .config import DispatcherSettings
 from .jobs import JobLimits, build_job
 from .pacing_view import pace_view, waiting_view
@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 blp = Blueprint("dispatcher", __name__, description="Jobs of questions x models x regions.")
 
-FINAL_STATES = tuple(s.value for s in State if s.final)
 CSV_COLUMNS = (
     "execution_id",
     "question_index",
@@ -95,28 +94,33 @@ def _owned_job(job_id: str) -> Job:
 
 # -- views --------------------------------------------------------------------
 def job_view(job: Job, counts: Mapping[str, Mapping[str, int]], now: float) -> dict[str, Any]:
-    """The job with its counts, progress and an ETA from the completion rate so far."""
+    """The job with its counts, progress (succeeded, dead, cancelled and in progress
+    apart; see progress.py) per region and in all, and ETAs from the rate so far."""
     states: dict[str, int] = {}
     for per_state in counts.values():
         for name, n in per_state.items():
             states[name] = states.get(name, 0) + n
-    done = sum(states.get(s, 0) for s in FINAL_STATES)
     total = job.total
+    tallied = progress.tally(states, total)
+    done = tallied["done"]
+    elapsed = max(now - job.created_at, 1e-6)
     if done >= total:
         phase = "cancelled" if job.cancelled else "finished"
-        eta: float | None = 0.0
+    elif job.cancelled:
+        phase = "cancelling"
+    elif states.get("queued", 0) == total:
+        phase = "queued"
     else:
-        if job.cancelled:
-            phase = "cancelling"
-        elif states.get("queued", 0) == total:
-            phase = "queued"
-        else:
-            phase = "running"
-        elapsed = max(now - job.created_at, 1e-6)
-        eta = (total - done) / (done / elapsed) if done else None
+        phase = "running"
+    region_order: list[str] = []
+    for regions in job.regions_by_model.values():
+        region_order += [r for r in regions if r not in region_order]
+    eta = progress.eta_s(done, total, elapsed)
     return {
         "id": job.id,
         "tenant": job.tenant,
+        "name": job.name,
+        "tags": job.tags,
         "state": phase,
         "created_at": job.created_at,
         "failover": job.failover.value,
@@ -125,14 +129,17 @@ def job_view(job: Job, counts: Mapping[str, Mapping[str, int]], now: float) -> d
         "models": job.models,
         "regions_by_model": job.regions_by_model,
         "questions": len(job.questions),
+        "samples": job.samples,
         "params": job.params,
         "idempotency_key": job.idempotency_key,
         "cancelled": job.cancelled,
         "total": total,
         "counts": {region: dict(per_state) for region, per_state in counts.items()},
         "states": states,
-        "progress": {"done": done, "total": total, "fraction": done / total if total else 1.0},
-        "eta_s": None if eta is None else round(eta, 3),
+        "progress": tallied,
+        "regions": progress.region_progress(counts, elapsed, region_order),
+        "eta_s": eta,
+        "view_url": f"/jobs/{job.id}/view",
         "deadline_at": job.deadline_at,
     }
 

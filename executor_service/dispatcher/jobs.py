@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ValidationFailed
+from ..executor.schemas import MAX_PROMPT_CHARS
 from .config import DispatcherSettings
 from .regions import Regions
 from .store.base import Failover, NewJob
@@ -93,6 +94,51 @@ def regions_by_model(body: dict[str, Any], regions: Regions) -> dict[str, list[s
     return {m: list(requested) for m in models}
 
 
+def question_call(
+    question: dict[str, Any], system: str | None, prefix: list[dict[str, str]]
+) -> tuple[str, list[dict[str, str]] | None]:
+    """A loaded question (``QuestionSchema``) as (its text, the messages of its call).
+    Messages are None for a plain text question with no system prompt and no job
+    messages: it is sent as ``prompt``, exactly as before chat messages existed.
+    Otherwise: the system prompt (the question's, else the job's), the job's
+    messages, then the question's messages or its text as a user turn."""
+    own = question.get("messages")
+    text = question.get("text")
+    if text is None:
+        users = [m["content"] for m in own or [] if m["role"] == "user"]
+        text = users[-1] if users else (own or [{"content": ""}])[-1]["content"]
+    system = question.get("system") or system
+    if own is None and system is None and not prefix:
+        return text, None
+    messages: list[dict[str, str]] = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    messages += [dict(m) for m in prefix]
+    messages += [dict(m) for m in own] if own is not None else [{"role": "user", "content": text}]
+    return text, messages
+
+
+def _calls(body: dict[str, Any]) -> tuple[list[str], list[list[dict[str, str]] | None]]:
+    """Every question's text and call messages; ValidationFailed names a question whose
+    call would be longer than one call may be."""
+    texts: list[str] = []
+    calls: list[list[dict[str, str]] | None] = []
+    errors: dict[str, list[str]] = {}
+    for index, question in enumerate(body["questions"]):
+        text, messages = question_call(question, body.get("system"), body.get("messages") or [])
+        size = len(text) if messages is None else sum(len(m["content"]) for m in messages)
+        if size > MAX_PROMPT_CHARS:
+            errors[f"questions[{index}]"] = [
+                f"with the system prompt and the job's messages it holds {size} characters; "
+                f"at most {MAX_PROMPT_CHARS}"
+            ]
+        texts.append(text)
+        calls.append(messages)
+    if errors:
+        raise ValidationFailed(details=errors)
+    return texts, calls
+
+
 def build_job(
     body: dict[str, Any],
     tenant: str,
@@ -115,7 +161,7 @@ def build_job(
             )
     key = body_key if body_key is not None else header_key
 
-    questions: list[str] = body["questions"]
+    questions = body["questions"]
     if len(questions) > limits.max_questions:
         raise ValidationFailed(
             details={
@@ -123,19 +169,33 @@ def build_job(
             }
         )
     by_model = regions_by_model(body, regions)
-    total = len(questions) * sum(len(r) for r in by_model.values())
+    samples: int = body.get("samples", 1)
+    total = len(questions) * sum(len(r) for r in by_model.values()) * samples
     if total > limits.max_executions:
         raise ValidationFailed(
             details={
                 "questions": [
-                    f"the job expands into {total} executions (questions x models x regions); "
-                    f"at most {limits.max_executions} per job"
+                    f"the job expands into {total} executions (questions x models x regions "
+                    f"x samples); at most {limits.max_executions} per job"
                 ]
             }
         )
     params = {k: v for k, v in (body.get("params") or {}).items() if v is not None}
-    canonical = {
-        "questions": questions,
+    if samples > 1 and not params.get("temperature"):
+        raise ValidationFailed(
+            details={
+                "samples": [
+                    f"{samples} samples at temperature 0 would be {samples} copies of one "
+                    "answer: set params.temperature > 0"
+                ]
+            }
+        )
+    texts, calls = _calls(body)
+    # Plain-string questions hash as they did before questions could be objects, and
+    # the new fields only when given, so a client's retried request keeps its job.
+    plain = all(set(q) == {"text"} for q in questions)
+    canonical: dict[str, Any] = {
+        "questions": [q["text"] for q in questions] if plain else questions,
         "models": body["models"],
         # as requested, not as resolved: a region added to the file later must not
         # turn a retry of the same request into a 409
@@ -146,9 +206,17 @@ def build_job(
         "params": params,
         "deadline_s": body.get("deadline_s"),
     }
+    extra = {k: body.get(k) for k in ("system", "messages", "name", "tags")}
+    canonical.update({k: v for k, v in extra.items() if v})
+    if samples != 1:
+        canonical["samples"] = samples
     return NewJob(
         tenant=tenant,
-        questions=list(questions),
+        questions=texts,
+        messages=calls,
+        samples=samples,
+        name=body.get("name"),
+        tags=list(body.get("tags") or []),
         models=list(body["models"]),
         regions_by_model=by_model,
         failover=Failover(body["failover"]),

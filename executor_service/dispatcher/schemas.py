@@ -7,9 +7,11 @@ limits in the settings is checked in ``jobs.py``.
 
 from __future__ import annotations
 
-from marshmallow import Schema, fields, validate
+from typing import Any
 
-from ..executor.schemas import MAX_PROMPT_CHARS
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from ..executor.schemas import MAX_MESSAGES, MAX_PROMPT_CHARS, MessageSchema
 from .store.base import Failover, State
 
 # One idempotency key names one job per tenant; long enough for a UUID or a hash.
@@ -18,6 +20,48 @@ MAX_IDEMPOTENCY_KEY = 128
 PRIORITY_RANGE = (-1000, 1000)
 # Backoff doubles per attempt: beyond 10 a job waits hours on a broken region.
 MAX_ATTEMPTS_RANGE = (1, 10)
+# Repeats of one cell: enough for a spread of answers at temperature > 0; each
+# is its own execution, so more belongs in a second job.
+MAX_SAMPLES = 100
+MAX_NAME = 200
+MAX_TAGS, MAX_TAG = 32, 64
+
+
+class QuestionSchema(Schema):
+    """A question as an object: its text or its chat messages, and its own system prompt."""
+
+    text = fields.String(validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
+    messages = fields.List(
+        fields.Nested(MessageSchema),
+        validate=validate.Length(min=1, max=MAX_MESSAGES),
+        metadata={"description": "the conversation to answer (after the job's messages)"},
+    )
+    system = fields.String(
+        validate=validate.Length(min=1, max=MAX_PROMPT_CHARS),
+        metadata={"description": "this question's system prompt (instead of the job's)"},
+    )
+
+    @validates_schema
+    def _text_xor_messages(self, data: dict[str, Any], **_: Any) -> None:
+        if (data.get("text") is None) == (data.get("messages") is None):
+            raise ValidationError("give exactly one of 'text' and 'messages'", "_schema")
+
+
+class QuestionField(fields.Field):
+    """A question: a string (its text), or an object (``QuestionSchema``). Loads as
+    the object, so the rest of the code sees one shape."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            if not 1 <= len(value) <= MAX_PROMPT_CHARS:
+                raise ValidationError(f"a question is 1 to {MAX_PROMPT_CHARS} characters")
+            return {"text": value}
+        if isinstance(value, dict):
+            try:
+                return QuestionSchema().load(value)
+            except ValidationError as exc:
+                raise ValidationError(exc.messages) from None
+        raise ValidationError("a question is a string, or an object with text or messages")
 
 
 # A week: longer is almost always a typo (and the default is a day).
@@ -40,9 +84,38 @@ class JobRequestSchema(Schema):
     """A job: every question is asked of every model in every requested region."""
 
     questions = fields.List(
-        fields.String(validate=validate.Length(min=1, max=MAX_PROMPT_CHARS)),
+        QuestionField(
+            metadata={
+                "description": "a string, or {text | messages, system?}",
+                "oneOf": [{"type": "string"}, {"$ref": "#/components/schemas/Question"}],
+            }
+        ),
         required=True,
         validate=validate.Length(min=1),
+    )
+    system = fields.String(
+        validate=validate.Length(min=1, max=MAX_PROMPT_CHARS),
+        metadata={"description": "system prompt of every question (unless it has its own)"},
+    )
+    messages = fields.List(
+        fields.Nested(MessageSchema),
+        validate=validate.Length(min=1, max=MAX_MESSAGES),
+        metadata={"description": "chat messages put before every question (few-shot turns)"},
+    )
+    samples = fields.Integer(
+        strict=True,
+        load_default=1,
+        validate=validate.Range(1, MAX_SAMPLES),
+        metadata={
+            "description": "each question x model x region is asked this many times, each "
+            "its own execution numbered 0..samples-1; more than 1 needs temperature > 0"
+        },
+    )
+    name = fields.String(validate=validate.Length(min=1, max=MAX_NAME))
+    tags = fields.List(
+        fields.String(validate=validate.Length(min=1, max=MAX_TAG)),
+        load_default=list,
+        validate=validate.Length(max=MAX_TAGS),
     )
     models = fields.List(
         fields.String(validate=validate.Length(min=1, max=128)),
@@ -55,11 +128,12 @@ class JobRequestSchema(Schema):
         metadata={"description": "default: every region serving each model"},
     )
     failover = fields.String(
-        load_default=Failover.ANY.value,
+        load_default=Failover.NONE.value,
         validate=validate.OneOf([f.value for f in Failover]),
         metadata={
-            "description": "any: a failed call may be retried in another region serving the "
-            "model; none: only in its requested region (for cross-region comparisons)"
+            "description": "none (default): a failed call is retried only in its requested "
+            "region, so a cross-region comparison never mixes regions silently; any: it may "
+            "be retried in another region serving the model"
         },
     )
     max_attempts = fields.Integer(
@@ -86,9 +160,20 @@ class JobRequestSchema(Schema):
 
 
 class ProgressSchema(Schema):
-    done = fields.Integer(metadata={"description": "executions in a final state"})
     total = fields.Integer()
-    fraction = fields.Float()
+    succeeded = fields.Integer()
+    dead = fields.Integer()
+    cancelled = fields.Integer()
+    in_progress = fields.Integer(metadata={"description": "queued, leased or waiting to retry"})
+    done = fields.Integer(metadata={"description": "executions in a final state"})
+    fraction = fields.Float(metadata={"description": "succeeded / total"})
+    finished_fraction = fields.Float(metadata={"description": "final (any outcome) / total"})
+
+
+class RegionProgressSchema(ProgressSchema):
+    region = fields.String()
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
+    eta_s = fields.Float(allow_none=True)
 
 
 class JobSchema(Schema):
@@ -96,6 +181,8 @@ class JobSchema(Schema):
 
     id = fields.String()
     tenant = fields.String()
+    name = fields.String(allow_none=True)
+    tags = fields.List(fields.String())
     state = fields.String(
         metadata={"description": "queued | running | finished | cancelled (cancel asked)"}
     )
@@ -106,10 +193,13 @@ class JobSchema(Schema):
     models = fields.List(fields.String())
     regions_by_model = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
     questions = fields.Integer(metadata={"description": "how many questions"})
+    samples = fields.Integer()
     params = fields.Dict()
     idempotency_key = fields.String(allow_none=True)
     cancelled = fields.Boolean()
-    total = fields.Integer(metadata={"description": "executions (questions x models x regions)"})
+    total = fields.Integer(
+        metadata={"description": "executions (questions x models x regions x samples)"}
+    )
     counts = fields.Dict(
         keys=fields.String(),
         values=fields.Dict(keys=fields.String(), values=fields.Integer()),
@@ -117,6 +207,9 @@ class JobSchema(Schema):
     )
     states = fields.Dict(keys=fields.String(), values=fields.Integer())
     progress = fields.Nested(ProgressSchema)
+    regions = fields.List(
+        fields.Nested(RegionProgressSchema), metadata={"description": "per requested region"}
+    )
     eta_s = fields.Float(
         allow_none=True,
         metadata={"description": "seconds left at the completion rate seen so far"},
@@ -129,6 +222,7 @@ class JobSchema(Schema):
             "(region, model)s with work left"
         }
     )
+    view_url = fields.String(metadata={"description": "the job's live page"})
 
 
 class AttemptSchema(Schema):

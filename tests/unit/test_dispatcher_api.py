@@ -90,7 +90,16 @@ def test_submit_and_read_a_job(env: Env) -> None:
     assert job["tenant"] == "alice" and job["total"] == 4 and job["state"] == "queued"
     assert job["regions_by_model"] == {"m1": ["us", "eu"]}
     assert job["counts"] == {"us": {"queued": 2}, "eu": {"queued": 2}}
-    assert job["progress"] == {"done": 0, "total": 4, "fraction": 0.0}
+    assert job["progress"] == {
+        "total": 4,
+        "succeeded": 0,
+        "dead": 0,
+        "cancelled": 0,
+        "in_progress": 4,
+        "done": 0,
+        "fraction": 0.0,
+        "finished_fraction": 0.0,
+    }
     assert job["eta_s"] is None
     again = env.client.get(f"/jobs/{job['id']}", headers=ALICE)
     assert again.status_code == 200 and again.get_json()["id"] == job["id"]

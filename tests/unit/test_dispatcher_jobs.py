@@ -44,7 +44,7 @@ def test_defaults_every_region_serving_each_model() -> None:
     job = build({"questions": ["q1", "q2"], "models": ["a", "b"]})
     assert job.regions_by_model == {"a": ["us", "eu", "ap"], "b": ["us", "ap"]}
     assert job.tenant == "t1"
-    assert (job.failover, job.max_attempts, job.priority) == (Failover.ANY, 3, 0)
+    assert (job.failover, job.max_attempts, job.priority) == (Failover.NONE, 3, 0)
     assert job.idempotency_key is None and job.params == {}
 
 
@@ -118,7 +118,7 @@ def test_request_hash_same_for_same_request_and_differs_otherwise() -> None:
     same = build(body).request_hash
     assert build({**body, "idempotency_key": "other"}).request_hash == same
     # defaults written out are the same request
-    assert build({**body, "failover": "any", "max_attempts": 3}).request_hash == same
+    assert build({**body, "failover": "none", "max_attempts": 3}).request_hash == same
     assert build({**body, "questions": ["q2"]}).request_hash != same
     assert build({**body, "priority": 1}).request_hash != same
 

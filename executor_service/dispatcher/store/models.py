@@ -40,7 +40,7 @@ class NewJob:
     models: list[str]
     # model -> the regions it is requested in (already defaulted and validated)
     regions_by_model: dict[str, list[str]]
-    failover: Failover = Failover.ANY
+    failover: Failover = Failover.ANY  # the API defaults to none (schemas.py)
     max_attempts: int = 3
     priority: int = 0
     idempotency_key: str | None = None
@@ -49,6 +49,12 @@ class NewJob:
     params: dict[str, Any] = field(default_factory=dict)  # max_tokens, temperature, seed...
     # schedule-to-close: what is left when it passes ends dead with deadline_exceeded
     deadline_s: float | None = None
+    # per question, the chat messages of its call (system prompt first), or None for
+    # a plain prompt (the question's text); empty: every question is a plain prompt
+    messages: list[list[dict[str, str]] | None] = field(default_factory=list)
+    samples: int = 1  # each (question, model, region) is asked this many times
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,9 @@ class Job:
     cancelled: bool
     total: int  # executions
     deadline_at: float | None = None  # created_at + deadline_s
+    samples: int = 1
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,8 @@ class Execution:
     finished_at: float | None
     attempt_log: list[Attempt] = field(default_factory=list)
     deferrals: int = 0  # calls refused for rate or capacity (not attempts)
+    sample: int = 0  # 0..samples-1: repeats of one (question, model, region)
+    messages: list[dict[str, str]] | None = None  # the call's chat messages; None: prompt
 
 
 @dataclass(frozen=True)
