@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= local,server,postgres,loadtest,deploy-check,dev
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format loadtest capacity soak bench postgres clean
+.PHONY: install demo test test-fast lint format loadtest capacity soak bench postgres browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ demo: install
 	$(VENV)/bin/executor-service demo
 
 ## test: the whole suite (unit, integration on real PostgreSQL and gunicorn, acceptance)
-test: install postgres
+test: install postgres browser
 	$(PY) -m pytest
 
 ## test-fast: the unit tier (no network, no subprocess, no disk beyond tmp): seconds
@@ -38,6 +38,10 @@ test-fast: install
 
 postgres:
 	@bash scripts/ensure-postgres.sh
+
+## browser: Debian's chromium for the job page's browser test (Playwright drives it)
+browser:
+	@bash scripts/ensure-chromium.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -150,6 +150,8 @@ def execution_view(e: Execution) -> dict[str, Any]:
         "id": e.id,
         "question_index": e.question_index,
         "question": e.question,
+        "messages": e.messages,
+        "sample": e.sample,
         "model": e.model,
         "requested_region": e.requested_region,
         "executed_region": e.executed_region,
@@ -383,6 +385,10 @@ def init_app(
         return error_response(StoreUnavailable(headers={"Retry-After": "1"}))
 
     api.register_blueprint(blp)
+    from . import pages, workbench
+
+    workbench.init_app(api)
+    pages.init_app(app)
 
 
 def create_dispatcher_app(

@@ -8,6 +8,8 @@ A TOML file (``ES_REGIONS_FILE``) with one table per region::
     models = ["smollm2-135m", "gpt-4o-mini"]
     api_key_env = "ES_KEY_US_EAST"  # name of the env var holding that executor's key
     timeout_s = 60                  # per call, sent to the executor as timeout_s
+    # optional: USD per million tokens, for the cost figures of GET /jobs/<id>/compare
+    prices = { "gpt-4o-mini" = { prompt = 0.15, completion = 0.60 } }
 
     [regions.us-east.limits."gpt-4o-mini"]   # optional, per model: the provider's limits
     rpm = 300                       # requests per window, for all dispatchers together
@@ -47,10 +49,13 @@ MAX_CONCURRENCY = 1024
 # The executor caps one call at 50 s by default; longer waits are almost always a typo.
 DEFAULT_TIMEOUT_S = 60.0
 MAX_TIMEOUT_S = 3600.0
-KNOWN_KEYS = frozenset({"url", "concurrency", "models", "api_key_env", "timeout_s", "limits"})
+KNOWN_KEYS = frozenset(
+    {"url", "concurrency", "models", "api_key_env", "timeout_s", "limits", "prices"}
+)
 LIMIT_KEYS = frozenset({"rpm", "tpm", "concurrency", "window_s"})
 # A window longer than a day is a typo (rpm = per minute is the common case).
 MAX_WINDOW_S = 86400.0
+PRICE_KEYS = frozenset({"prompt", "completion"})
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class Region:
     timeout_s: float = DEFAULT_TIMEOUT_S
     # model -> its limits here (rpm/tpm budgets, concurrency); a model absent is unlimited
     limits: Mapping[str, Budget] = field(default_factory=dict)
+    # model -> {"prompt": USD per million prompt tokens, "completion": ...}
+    prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def budget(self, model: str) -> Budget:
         """The model's limits in this region (an empty Budget: none)."""
@@ -126,6 +133,10 @@ class Regions:
 
     def specs(self) -> list[RegionSpec]:
         return [r.spec() for r in self]
+
+    def prices(self) -> dict[str, Mapping[str, Mapping[str, float]]]:
+        """region -> model -> prices per million tokens, where the file gives them."""
+        return {r.name: r.prices for r in self if r.prices}
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "regions file") -> Regions:
@@ -216,8 +227,10 @@ def _region(name: str, table: Any, source: str) -> Region:
         raise ConfigError(f"{where}: timeout_s must be a number in (0, {MAX_TIMEOUT_S:g}]")
 
     limits = _limits(table.get("limits", {}), models, where)
+    prices = _prices(table.get("prices", {}), models, where)
 
     return Region(
+        prices=prices,
         name=name,
         url=url.rstrip("/"),
         concurrency=concurrency,
@@ -264,4 +277,24 @@ def _limits(table: Any, models: list[str], where: str) -> dict[str, Budget]:
             window_s=float(window),
             concurrency=entry.get("concurrency"),
         )
+    return out
+
+
+def _prices(table: Any, models: list[str], where: str) -> dict[str, dict[str, float]]:
+    """The region's ``prices`` table: model -> {prompt, completion} in USD per million."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: prices must be a table of model = {{ prompt, completion }}")
+    out: dict[str, dict[str, float]] = {}
+    for model, price in table.items():
+        if model not in models:
+            raise ConfigError(f"{where}: prices names {model!r}, which the region does not serve")
+        if not isinstance(price, dict) or not price or set(price) - PRICE_KEYS:
+            raise ConfigError(
+                f"{where}: prices.{model} must be {{ prompt = N, completion = N }} "
+                "(USD per million tokens)"
+            )
+        for key, value in price.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"{where}: prices.{model}.{key} must be a number >= 0")
+        out[model] = {k: float(v) for k, v in price.items()}
     return out

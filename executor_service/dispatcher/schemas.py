@@ -241,6 +241,12 @@ class ExecutionSchema(Schema):
     id = fields.Integer()
     question_index = fields.Integer()
     question = fields.String()
+    messages = fields.List(
+        fields.Dict(),
+        allow_none=True,
+        metadata={"description": "the call's chat messages; null: the question was the prompt"},
+    )
+    sample = fields.Integer(metadata={"description": "0..samples-1"})
     model = fields.String()
     requested_region = fields.String()
     executed_region = fields.String(allow_none=True)

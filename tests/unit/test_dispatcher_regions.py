@@ -40,6 +40,14 @@ def test_a_good_file_loads_in_order_with_defaults(tmp_path: Path) -> None:
     assert spec.name == "us-east" and spec.concurrency == 4 and spec.models == {"a", "b"}
 
 
+def test_prices_per_million_tokens_are_read_per_region_and_model(tmp_path: Path) -> None:
+    path = tmp_path / "regions.toml"
+    path.write_text(GOOD + 'prices = { a = { prompt = 0.15, completion = 0.6 } }\n')
+    regions = Regions.load(path)
+    assert regions.prices() == {"eu-west": {"a": {"prompt": 0.15, "completion": 0.6}}}
+    assert regions["us-east"].prices == {}
+
+
 def test_api_key_comes_from_the_named_variable(tmp_path: Path) -> None:
     path = tmp_path / "regions.toml"
     path.write_text(GOOD)
@@ -63,6 +71,18 @@ def test_api_key_comes_from_the_named_variable(tmp_path: Path) -> None:
         ('url = "http://x"\nconcurrency = 1\nmodels = ["a"]\nap_key_env = "K"', "unknown keys"),
         ('url = "http://x"\nconcurrency = 1\nmodels = ["a"]\napi_key_env = "1-bad"', "api_key_env"),
         ('url = "http://x"\nconcurrency = 1\nmodels = ["a"]\ntimeout_s = -1', "timeout_s"),
+        (
+            'url = "http://x"\nconcurrency = 1\nmodels = ["a"]\nprices = { b = { prompt = 1 } }',
+            "does not serve",
+        ),
+        (
+            'url = "http://x"\nconcurrency = 1\nmodels = ["a"]\nprices = { a = { input = 1 } }',
+            "prompt = N, completion = N",
+        ),
+        (
+            'url = "http://x"\nconcurrency = 1\nmodels = ["a"]\nprices = { a = { prompt = -1 } }',
+            "number >= 0",
+        ),
     ],
 )
 def test_mistakes_name_the_region_and_key(tmp_path: Path, table: str, message: str) -> None:
