@@ -26,8 +26,10 @@ from executor_service.dispatcher.store.base import (
     Execution,
     Failover,
     IdempotencyConflict,
+    JobQuery,
     NewJob,
     RegionSpec,
+    RetryRequest,
     State,
     Store,
     StoreError,
@@ -790,3 +792,108 @@ def test_a_jobs_deadline_ends_what_is_left_of_it(store: Store) -> None:
     assert e.last_error["code"] == "deadline_exceeded"
     assert e.last_error["last"] == {"code": "rate_limited"}
     assert store.complete(running.execution_id, running.token, {"output": "x"}, T0 + 62, T0)
+
+
+# -- the workbench: samples and messages, listing, retry, pages --------------------
+
+
+def kill(store: Store, region: RegionSpec, now: float) -> list[int]:
+    """Claim everything ``region`` can and dead-letter it; return the ids."""
+    claims = claim(store, region, now=now)
+    for c in claims:
+        error = {"code": "connection_error", "message": "down"}
+        assert store.fail(c.execution_id, c.token, error, now, now, None)
+    return [c.execution_id for c in claims]
+
+
+def test_samples_and_messages_expand_into_numbered_executions(store: Store) -> None:
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q0?"}]
+    new = make_job(
+        questions=2, regions=("r1", "r2"), samples=3, messages=[chat, None], name="probe",
+        tags=["eval", "v2"],
+    )
+    job, _ = store.create_job(new, T0)
+
+    assert job.total == 2 * 2 * 3 and job.samples == 3
+    assert (job.name, job.tags) == ("probe", ["eval", "v2"])
+    listed = [(e.question_index, e.requested_region, e.sample) for e in store.executions(job.id)]
+    assert listed == [(q, r, s) for q in (0, 1) for r in ("r1", "r2") for s in range(3)]
+    by_question = {e.question_index: e.messages for e in store.executions(job.id)}
+    assert by_question == {0: chat, 1: None}
+    c = next(c for c in claim(store) if c.question_index == 0)
+    assert c.messages == chat and c.sample in range(3)
+
+
+def test_executions_page_by_offset_with_their_attempts(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=5), T0)
+    (first, *_) = claim(store, limit=1)
+    assert store.fail(first.execution_id, first.token, {"code": "x"}, T0, T0, T0 + 1)
+    everything = store.executions(job.id)
+    pages = [store.executions(job.id, offset=o, limit=2) for o in (0, 2, 4)]
+
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert [e.id for p in pages for e in p] == [e.id for e in everything]
+    assert pages[0][0].attempt_log == everything[0].attempt_log and pages[0][0].attempt_log
+    assert store.executions(job.id, offset=6, limit=2) == []
+
+
+def test_list_jobs_newest_first_by_page_state_and_name(store: Store) -> None:
+    a, _ = store.create_job(make_job(name="Bias probe EU"), T0)
+    b, _ = store.create_job(make_job(name="censorship"), T0 + 1)
+    c, _ = store.create_job(make_job(questions=1, regions=("r2",)), T0 + 2)
+    store.create_job(make_job(tenant="other", name="bias"), T0 + 3)
+    kill(store, R2, T0 + 3)  # c: finished (dead)
+    claim(store, limit=1)  # a: running
+    store.cancel_job("acme", b.id, T0 + 4)  # b: cancelled
+
+    def ids(**kw: object) -> list[str]:
+        return [j.id for j in store.list_jobs(JobQuery("acme", limit=10, **kw))]  # type: ignore[arg-type]
+
+    assert ids() == [c.id, b.id, a.id]
+    first = store.list_jobs(JobQuery("acme", limit=2))
+    rest = store.list_jobs(JobQuery("acme", limit=2, after=(first[-1].created_at, first[-1].id)))
+    assert [j.id for j in first + rest] == [c.id, b.id, a.id]
+    assert ids(state="running") == [a.id]
+    assert ids(state="finished") == [c.id]
+    assert ids(state="cancelled") == [b.id]
+    assert ids(state="queued") == []
+    assert ids(name="BIAS") == [a.id]
+
+
+def test_retry_requeues_dead_work_in_its_region_with_attempts_starting_over(
+    store: Store,
+) -> None:
+    job, _ = store.create_job(make_job(questions=2, regions=("r1", "r2"), max_attempts=2), T0)
+    kill(store, R2, T0)
+    dead = [e for e in store.executions(job.id) if e.state == State.DEAD]
+    assert len(dead) == 2 and store.job_finished(job.id) is False
+
+    assert store.retry_job(RetryRequest("other", job.id, T0 + 1)) == 0
+    assert store.retry_job(RetryRequest("acme", job.id, T0 + 1, regions=("r1",))) == 0
+    assert store.retry_job(RetryRequest("acme", job.id, T0 + 1)) == 2
+
+    again = [e for e in store.executions(job.id) if e.requested_region == "r2"]
+    assert {e.state for e in again} == {State.QUEUED}
+    assert all(e.attempts - e.attempt_base == 0 and e.last_error is None for e in again)
+    assert all(len(e.attempt_log) == 1 for e in again)  # the history is kept
+    # claimed again in its own region only, with a full budget of attempts
+    in_r1 = claim(store, R1, now=T0 + 2)
+    assert len(in_r1) == 2 and {c.requested_region for c in in_r1} == {"r1"}
+    retried = claim(store, R2, now=T0 + 2)
+    assert sorted(c.execution_id for c in retried) == sorted(e.id for e in again)
+    assert all(c.attempt == 2 and c.max_attempts == 3 for c in retried)
+
+
+def test_retry_can_take_cancelled_work_and_only_some_models(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=1, models=("m1", "m2")), T0)
+    store.cancel_job("acme", job.id, T0)
+    assert store.retry_job(RetryRequest("acme", job.id, T0 + 1)) == 0
+    assert store.get_job("acme", job.id).cancelled  # type: ignore[union-attr]
+
+    request = RetryRequest("acme", job.id, T0 + 1, include_cancelled=True, models=("m2",))
+    assert store.retry_job(request) == 1
+    states = {e.model: e.state for e in store.executions(job.id)}
+    assert states == {"m1": State.CANCELLED, "m2": State.QUEUED}
+    assert not store.get_job("acme", job.id).cancelled  # type: ignore[union-attr]
+    (c,) = claim(store, now=T0 + 2)
+    assert c.model == "m2"

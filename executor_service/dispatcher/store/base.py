@@ -26,10 +26,12 @@ from executor_service.dispatcher.store.models import (
     Execution,
     Failover,
     Job,
+    JobQuery,
     NewJob,
     QueueStats,
     RegionQueue,
     RegionSpec,
+    RetryRequest,
     State,
 )
 from executor_service.exceptions import ExecutorServiceError
@@ -46,10 +48,12 @@ __all__ = [  # the records are defined in models.py
     "Failover",
     "IdempotencyConflict",
     "Job",
+    "JobQuery",
     "NewJob",
     "QueueStats",
     "RegionQueue",
     "RegionSpec",
+    "RetryRequest",
     "State",
     "Store",
     "StoreError",
@@ -91,8 +95,33 @@ class Store(ABC):
         """{requested_region: {state: count}} for the job."""
 
     @abstractmethod
-    def executions(self, job_id: str, with_attempts: bool = True) -> list[Execution]:
-        """The job's executions in (question_index, model, requested_region) order."""
+    def executions(
+        self,
+        job_id: str,
+        with_attempts: bool = True,
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> list[Execution]:
+        """The job's executions in (question_index, model, requested_region, sample)
+        order; ``limit`` of them from ``offset`` (a job's executions never change
+        after it is created, so offsets page it stably)."""
+
+    @abstractmethod
+    def list_jobs(self, query: JobQuery) -> list[Job]:
+        """A page of the tenant's jobs, newest first (created_at, then id, descending),
+        after ``query.after``, filtered by phase (``models.JOB_PHASES``, as the job
+        view derives it from the executions' states and the cancel flag) and by a
+        case-insensitive substring of the name."""
+
+    @abstractmethod
+    def retry_job(self, request: RetryRequest) -> int:
+        """Re-queue the job's dead (and, if asked, cancelled) executions, only those
+        requested in ``request.regions`` / of ``request.models`` when given: each goes
+        back to ``queued`` in its requested region with a fresh budget of attempts
+        (``attempt_base`` = attempts so far, ``max_attempts`` = that + the job's), its
+        lease, answer and last error cleared, its attempt log kept. The job's cancel
+        flag is cleared when anything is re-queued, so it runs again. Returns how many
+        were re-queued (0 for another tenant's job)."""
 
     @abstractmethod
     def cancel_job(self, tenant: str, job_id: str, now: float) -> int:

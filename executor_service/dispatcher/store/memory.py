@@ -31,15 +31,18 @@ from executor_service.dispatcher.store.base import (
     Failover,
     IdempotencyConflict,
     Job,
+    JobQuery,
     NewJob,
     QueueStats,
     RegionQueue,
     RegionSpec,
+    RetryRequest,
     State,
     Store,
     StoreError,
 )
 from executor_service.dispatcher.store.memory_claims import MemoryPacing, _Queues
+from executor_service.dispatcher.store.models import JOB_PHASES
 
 
 def _json(value: Any) -> Any:
@@ -79,6 +82,9 @@ class ExecutionRow:
     leased_at: float | None = None
     claimed_from: str | None = None
     deferrals: int = 0
+    sample: int = 0
+    messages: list[dict[str, str]] | None = None
+    attempt_base: int = 0
 
     def holds(self, token: str) -> bool:
         return self.state == State.LEASED.value and self.lease_token == token
@@ -148,10 +154,15 @@ class MemoryStore(MemoryPacing, Store):
                 cancelled=False,
                 total=records.count_executions(job),
                 deadline_at=None if job.deadline_s is None else now + job.deadline_s,
+                samples=job.samples,
+                name=job.name,
+                tags=_json(job.tags),
             )
             self.jobs[created.id] = JobRow(created, job.request_hash)
-            for index, question, model, region in records.expand(job):
+            for index, question, model, region, sample, messages in records.expand(job):
                 row = ExecutionRow(
+                    sample=sample,
+                    messages=_json(messages),
                     id=self._next_id,
                     job_id=created.id,
                     tenant=job.tenant,
@@ -190,14 +201,71 @@ class MemoryStore(MemoryPacing, Store):
             counts.setdefault(region, {})[state] = n
         return counts
 
-    def executions(self, job_id: str, with_attempts: bool = True) -> list[Execution]:
+    def executions(
+        self,
+        job_id: str,
+        with_attempts: bool = True,
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> list[Execution]:
         with self._lock:
             self._check_open()
             rows = sorted(
                 self._where(lambda r: r.job_id == job_id),
                 key=lambda r: (r.question_index, r.model, r.requested_region, r.id),
             )
-            return [self._execution(r, with_attempts) for r in rows]
+            end = None if limit is None else offset + limit
+            return [self._execution(r, with_attempts) for r in rows[offset:end]]
+
+    def list_jobs(self, query: JobQuery) -> list[Job]:
+        phase = JOB_PHASES[query.state] if query.state is not None else {}
+        with self._lock:
+            self._check_open()
+            found = []
+            for row in self.jobs.values():
+                job = self._job(row)
+                if job.tenant != query.tenant:
+                    continue
+                if query.after is not None and (job.created_at, job.id) >= query.after:
+                    continue
+                if query.name is not None and query.name.lower() not in (job.name or "").lower():
+                    continue
+                states = [r.state for r in self._where(lambda r, j=job.id: r.job_id == j)]
+                facts = {
+                    "cancelled": job.cancelled,
+                    "unfinished": any(not State(st).final for st in states),
+                    "started": any(st != State.QUEUED.value for st in states),
+                }
+                if any(want is not None and facts[k] != want for k, want in phase.items()):
+                    continue
+                found.append(job)
+            found.sort(key=lambda j: (j.created_at, j.id), reverse=True)
+            return found[: query.limit]
+
+    def retry_job(self, request: RetryRequest) -> int:
+        again = {State.DEAD.value} | ({State.CANCELLED.value} if request.include_cancelled else set())
+        with self._lock:
+            self._check_open()
+            job = self.jobs.get(request.job_id)
+            if job is None or job.job.tenant != request.tenant:
+                return 0
+            requeued = 0
+            for r in self._where(
+                lambda r: r.job_id == request.job_id
+                and r.state in again
+                and (request.regions is None or r.requested_region in request.regions)
+                and (request.models is None or r.model in request.models)
+            ):
+                r.state, r.attempt_base = State.QUEUED.value, r.attempts
+                r.max_attempts = r.attempts + job.job.max_attempts
+                r.executed_region = r.last_region = r.due_at = r.failed_at = None
+                r.last_error = r.output = r.result = r.finished_at = None
+                r.lease_token = r.lease_expires_at = r.leased_by = r.leased_at = None
+                r.claimed_from = None
+                requeued += 1
+            if requeued:
+                job.cancelled = False
+            return requeued
 
     def _execution(self, r: ExecutionRow, with_attempts: bool) -> Execution:
         attempts = list(self.attempts.get(r.id, [])) if with_attempts else []
@@ -249,6 +317,7 @@ class MemoryStore(MemoryPacing, Store):
                 claims.append(
                     records.claim_from_row(
                         vars(r),
+                        loads=_json,
                         token=token,
                         source=source.value,
                         region=region,

@@ -25,6 +25,11 @@ class State(str, Enum):
     def final(self) -> bool:
         return self in {State.SUCCEEDED, State.DEAD, State.CANCELLED}
 
+    @property
+    def requeueable(self) -> bool:
+        """What POST /jobs/<id>/retry may put back in the queue (cancelled only if asked)."""
+        return self in {State.DEAD, State.CANCELLED}
+
 
 class Failover(str, Enum):
     ANY = "any"  # a failed call may be retried by any region serving the model
@@ -110,6 +115,9 @@ class Execution:
     deferrals: int = 0  # calls refused for rate or capacity (not attempts)
     sample: int = 0  # 0..samples-1: repeats of one (question, model, region)
     messages: list[dict[str, str]] | None = None  # the call's chat messages; None: prompt
+    # attempts made before the current round (a retry of the job starts a new round):
+    # attempts - attempt_base is this round's count, attempt_log keeps them all
+    attempt_base: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,8 @@ class Claim:
     deferrals: int = 0  # deferrals before this call (the call's number: attempt + deferrals)
     reserved_tokens: int = 0  # taken from the (region, model)'s tpm budget at claim
     deadline_at: float | None = None  # the job's deadline
+    sample: int = 0
+    messages: list[dict[str, str]] | None = None  # the call's chat messages; None: prompt
 
     @property
     def call(self) -> int:
@@ -178,3 +188,41 @@ class QueueStats:
     global_retry: int  # retry_wait executions that may fail over
     regions: list[RegionQueue]
     dead: int
+
+
+# The phases a job is listed by (GET /jobs?state=): what ``api.job_view`` reports,
+# as three facts a store can test: the job's cancel flag; some execution is not
+# final ("unfinished"); some execution has left the queue ("started").
+# None: either. The job view derives the same phases from its counts.
+JOB_PHASES: dict[str, dict[str, bool | None]] = {
+    "queued": {"cancelled": False, "unfinished": True, "started": False},
+    "running": {"cancelled": False, "unfinished": True, "started": True},
+    "finished": {"cancelled": False, "unfinished": False, "started": None},
+    "cancelling": {"cancelled": True, "unfinished": True, "started": None},
+    "cancelled": {"cancelled": True, "unfinished": False, "started": None},
+}
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """One page of a tenant's jobs, newest first (``Store.list_jobs``)."""
+
+    tenant: str
+    limit: int
+    # the last job of the previous page, (created_at, id): the page starts after it
+    after: tuple[float, str] | None = None
+    state: str | None = None  # a key of JOB_PHASES
+    name: str | None = None  # case-insensitive substring of the job's name
+
+
+@dataclass(frozen=True)
+class RetryRequest:
+    """What ``Store.retry_job`` re-queues: the job's dead executions (and cancelled
+    ones if asked), optionally only those requested in ``regions`` or of ``models``."""
+
+    tenant: str
+    job_id: str
+    now: float
+    include_cancelled: bool = False
+    regions: tuple[str, ...] | None = None
+    models: tuple[str, ...] | None = None

@@ -187,6 +187,7 @@ class PostgresStore(SQLStore[Cursor]):
             [
                 records.claim_from_row(
                     leased[execution_id],
+                    loads=self._loads,
                     token=token,
                     source=source.value,
                     region=request.region.name,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from executor_service.dispatcher.pacing import Pace
 from executor_service.dispatcher.store.models import (
@@ -41,6 +41,8 @@ NEW_EXECUTION_COLUMNS = (
     "priority",
     "job_created_at",
     "created_at",
+    "sample",
+    "messages",
 )
 
 
@@ -54,19 +56,35 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
-def expand(job: NewJob) -> Iterator[tuple[int, str, str, str]]:
-    """(question_index, question, model, region) for every execution of the job,
-    in question, model, region order (the order ids are assigned in)."""
+class Expanded(NamedTuple):
+    """One execution of a new job."""
+
+    question_index: int
+    question: str
+    model: str
+    region: str
+    sample: int
+    messages: list[dict[str, str]] | None
+
+
+def expand(job: NewJob) -> Iterator[Expanded]:
+    """Every execution of the job, in question, model, region, sample order (the order
+    ids are assigned in)."""
     for index, question in enumerate(job.questions):
+        messages = job.messages[index] if index < len(job.messages) else None
         for model in job.models:
             for region in job.regions_by_model.get(model, []):
-                yield index, question, model, region
+                for sample in range(job.samples):
+                    yield Expanded(index, question, model, region, sample, messages)
 
 
-def execution_rows(job: NewJob, job_id: str, now: float) -> Iterator[tuple[Any, ...]]:
-    """Rows in NEW_EXECUTION_COLUMNS order for every execution of the job."""
+def execution_rows(
+    job: NewJob, job_id: str, now: float, dumps: Loads
+) -> Iterator[tuple[Any, ...]]:
+    """Rows in NEW_EXECUTION_COLUMNS order for every execution of the job; ``dumps``
+    makes the JSON parameter of the messages column."""
     failover = Failover(job.failover).value
-    for index, question, model, region in expand(job):
+    for index, question, model, region, sample, messages in expand(job):
         yield (
             job_id,
             job.tenant,
@@ -81,13 +99,15 @@ def execution_rows(job: NewJob, job_id: str, now: float) -> Iterator[tuple[Any, 
             job.priority,
             now,
             now,
+            sample,
+            None if messages is None else dumps(messages),
         )
 
 
 def count_executions(job: NewJob) -> int:
     """How many executions the job expands into."""
     per_question = sum(len(job.regions_by_model.get(model, [])) for model in job.models)
-    return per_question * len(job.questions)
+    return per_question * len(job.questions) * job.samples
 
 
 def job_from_row(row: Row, loads: Loads) -> Job:
@@ -107,6 +127,9 @@ def job_from_row(row: Row, loads: Loads) -> Job:
         cancelled=bool(row["cancelled"]),
         total=row["total"],
         deadline_at=row["deadline_at"],
+        samples=row["samples"],
+        name=row["name"],
+        tags=loads(row["tags"]),
     )
 
 
@@ -143,12 +166,16 @@ def execution_from_row(row: Row, loads: Loads, attempt_log: list[Attempt]) -> Ex
         finished_at=row["finished_at"],
         attempt_log=attempt_log,
         deferrals=row["deferrals"],
+        sample=row["sample"],
+        messages=loads(row["messages"]),
+        attempt_base=row["attempt_base"],
     )
 
 
 def claim_from_row(
     row: Row,
     *,
+    loads: Loads,
     token: str,
     source: str,
     region: str,
@@ -177,6 +204,8 @@ def claim_from_row(
         deferrals=row["deferrals"],
         reserved_tokens=reserved_tokens,
         deadline_at=deadline_at,
+        sample=row["sample"],
+        messages=loads(row["messages"]),
     )
 
 

@@ -43,12 +43,15 @@ from executor_service.dispatcher.store.base import (
     Execution,
     IdempotencyConflict,
     Job,
+    JobQuery,
     NewJob,
     QueueStats,
     RegionQueue,
     RegionSpec,
+    RetryRequest,
     Store,
 )
+from executor_service.dispatcher.store.models import JOB_PHASES
 
 
 class SQLResult(Protocol):
@@ -142,6 +145,7 @@ class SQLStore(Store, Generic[DB]):
             "models": self._dumps(job.models),
             "regions_by_model": self._dumps(job.regions_by_model),
             "params": self._dumps(job.params),
+            "tags": self._dumps(job.tags),
             "total": records.count_executions(job),
             "now": now,
             "deadline_at": None if job.deadline_s is None else now + job.deadline_s,
@@ -154,7 +158,7 @@ class SQLStore(Store, Generic[DB]):
                         f"idempotency key {job.idempotency_key!r} was used for another request"
                     )
                 return records.job_from_row(row, self._loads), False
-            self._insert_executions(db, records.execution_rows(job, row["id"], now))
+            self._insert_executions(db, records.execution_rows(job, row["id"], now, self._dumps))
         self._logger.info("job created", extra={"job_id": row["id"], "tenant": job.tenant})
         return records.job_from_row(row, self._loads), True
 
@@ -171,16 +175,67 @@ class SQLStore(Store, Generic[DB]):
             counts.setdefault(row["requested_region"], {})[row["state"]] = row["n"]
         return counts
 
-    def executions(self, job_id: str, with_attempts: bool = True) -> list[Execution]:
+    def executions(
+        self,
+        job_id: str,
+        with_attempts: bool = True,
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> list[Execution]:
+        paged = limit is not None
         with self._transaction() as db:
-            rows = db.execute(self.queries["list_executions"], {"job_id": job_id}).fetchall()
+            if paged:
+                args = {"job_id": job_id, "offset": offset, "limit": limit}
+                rows = db.execute(self.queries["list_executions_page"], args).fetchall()
+            else:
+                rows = db.execute(self.queries["list_executions"], {"job_id": job_id}).fetchall()
+                rows = rows[offset:]
             attempts: dict[int, list[Attempt]] = {}
-            if with_attempts:
-                for a in db.execute(self.queries["list_attempts"], {"job_id": job_id}):
+            if with_attempts and rows:
+                if paged:
+                    ids = self._list([r["id"] for r in rows])
+                    found = db.execute(self.queries["list_attempts_of"], {"ids": ids})
+                else:
+                    found = db.execute(self.queries["list_attempts"], {"job_id": job_id})
+                for a in found:
                     attempts.setdefault(a["execution_id"], []).append(
                         records.attempt_from_row(a, self._loads)
                     )
         return [records.execution_from_row(r, self._loads, attempts.get(r["id"], [])) for r in rows]
+
+    def list_jobs(self, query: JobQuery) -> list[Job]:
+        phase = JOB_PHASES[query.state] if query.state is not None else {}
+        args = {
+            "tenant": query.tenant,
+            "limit": query.limit,
+            "after_created": None if query.after is None else query.after[0],
+            "after_id": None if query.after is None else query.after[1],
+            "name": query.name,
+            **{k: phase.get(k) for k in ("cancelled", "unfinished", "started")},
+        }
+        with self._transaction() as db:
+            rows = db.execute(self.queries["list_jobs"], args).fetchall()
+        return [records.job_from_row(r, self._loads) for r in rows]
+
+    def retry_job(self, request: RetryRequest) -> int:
+        args = {
+            "job_id": request.job_id,
+            "tenant": request.tenant,
+            "include_cancelled": request.include_cancelled,
+            "regions": None if request.regions is None else self._list(list(request.regions)),
+            "models": None if request.models is None else self._list(list(request.models)),
+        }
+        with self._transaction(write=True) as db:
+            # The job row first: PostgreSQL's fail/release/reap lock it before the execution.
+            job = db.execute(self.queries["retry_job"], args).fetchone()
+            if job is None:
+                return 0
+            args["max_attempts"] = job["max_attempts"]
+            requeued = db.execute(self.queries["retry_executions"], args).rowcount
+            if requeued:
+                db.execute(self.queries["uncancel_job"], args)
+        self._logger.info("job retried", extra={"job_id": request.job_id, "requeued": requeued})
+        return requeued
 
     def cancel_job(self, tenant: str, job_id: str, now: float) -> int:
         args = {"job_id": job_id, "tenant": tenant, "now": now}

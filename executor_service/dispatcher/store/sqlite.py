@@ -191,6 +191,7 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
             [
                 records.claim_from_row(
                     row,
+                    loads=self._loads,
                     token=token,
                     source=source.value,
                     region=request.region.name,

@@ -5,10 +5,11 @@
 -- name: insert_job
 -- ON CONFLICT waits for a concurrent insert of the same key to commit or abort.
 INSERT INTO jobs (id, tenant, idempotency_key, request_hash, failover, max_attempts, priority,
-                  questions, models, regions_by_model, params, total, created_at, deadline_at)
+                  questions, models, regions_by_model, params, total, created_at, deadline_at,
+                  name, tags, samples)
 VALUES (%(id)s, %(tenant)s, %(idempotency_key)s, %(request_hash)s, %(failover)s,
         %(max_attempts)s, %(priority)s, %(questions)s, %(models)s, %(regions_by_model)s,
-        %(params)s, %(total)s, %(now)s, %(deadline_at)s)
+        %(params)s, %(total)s, %(now)s, %(deadline_at)s, %(name)s, %(tags)s, %(samples)s)
 ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING *;
 
@@ -26,6 +27,52 @@ WHERE job_id = %(job_id)s GROUP BY requested_region, state;
 -- COLLATE "C": the same order as SQLite (code points), whatever the database locale.
 SELECT * FROM executions WHERE job_id = %(job_id)s
 ORDER BY question_index, model COLLATE "C", requested_region COLLATE "C", id;
+
+-- name: list_executions_page
+SELECT * FROM executions WHERE job_id = %(job_id)s
+ORDER BY question_index, model COLLATE "C", requested_region COLLATE "C", id
+LIMIT %(limit)s OFFSET %(offset)s;
+
+-- name: list_attempts_of
+SELECT * FROM attempts WHERE execution_id = ANY(%(ids)s::bigint[])
+ORDER BY execution_id, number;
+
+-- name: list_jobs
+-- A page of a tenant's jobs, newest first. The phase filter is the job view's, from
+-- the cancel flag and two probes of executions_job: something unfinished, something
+-- that is not queued (NULL: either).
+SELECT * FROM jobs j
+WHERE j.tenant = %(tenant)s
+  AND (%(after_created)s::double precision IS NULL OR j.created_at < %(after_created)s
+       OR (j.created_at = %(after_created)s AND j.id < %(after_id)s))
+  AND (%(name)s::text IS NULL OR strpos(lower(coalesce(j.name, '')), lower(%(name)s)) > 0)
+  AND (%(cancelled)s::boolean IS NULL OR j.cancelled = %(cancelled)s)
+  AND (%(unfinished)s::boolean IS NULL OR %(unfinished)s = EXISTS (
+        SELECT 1 FROM executions e
+        WHERE e.job_id = j.id AND e.state IN ('queued', 'leased', 'retry_wait')))
+  AND (%(started)s::boolean IS NULL OR %(started)s = EXISTS (
+        SELECT 1 FROM executions e WHERE e.job_id = j.id AND e.state <> 'queued'))
+ORDER BY j.created_at DESC, j.id DESC LIMIT %(limit)s;
+
+-- name: retry_job
+-- The job row first, locked: fail/release/reap lock it too, before an execution row.
+SELECT max_attempts FROM jobs WHERE id = %(job_id)s AND tenant = %(tenant)s FOR UPDATE;
+
+-- name: uncancel_job
+UPDATE jobs SET cancelled = false WHERE id = %(job_id)s;
+
+-- name: retry_executions
+-- Back to the requested region's queue with a fresh budget of attempts.
+UPDATE executions
+SET state = 'queued', attempt_base = attempts, max_attempts = attempts + %(max_attempts)s,
+    executed_region = NULL, last_region = NULL, due_at = NULL, failed_at = NULL,
+    last_error = NULL, output = NULL, result = NULL, finished_at = NULL,
+    lease_token = NULL, lease_expires_at = NULL, leased_by = NULL, leased_at = NULL,
+    claimed_from = NULL
+WHERE job_id = %(job_id)s
+  AND (state = 'dead' OR (%(include_cancelled)s AND state = 'cancelled'))
+  AND (%(regions)s::text[] IS NULL OR requested_region = ANY(%(regions)s::text[]))
+  AND (%(models)s::text[] IS NULL OR model = ANY(%(models)s::text[]));
 
 -- name: list_attempts
 SELECT a.* FROM attempts a JOIN executions e ON e.id = a.execution_id
@@ -124,7 +171,8 @@ SET state = 'leased', attempts = e.attempts + 1, lease_token = v.token,
 FROM unnest(%(ids)s::bigint[], %(tokens)s::text[], %(sources)s::text[]) AS v(id, token, source)
 WHERE e.id = v.id
 RETURNING e.id, e.job_id, e.tenant, e.question_index, e.question, e.model,
-          e.requested_region, e.attempts, e.max_attempts, e.failover, e.deferrals;
+          e.requested_region, e.attempts, e.max_attempts, e.failover, e.deferrals, e.sample,
+          e.messages;
 
 -- name: job_params
 SELECT id, params, deadline_at FROM jobs WHERE id = ANY(%(job_ids)s::text[]);

@@ -9,9 +9,10 @@ SELECT * FROM jobs WHERE tenant = :tenant AND idempotency_key = :idempotency_key
 -- name: insert_job
 INSERT INTO jobs (id, tenant, idempotency_key, request_hash, failover, max_attempts, priority,
                   questions, models, regions_by_model, params, total, created_at, cancelled,
-                  deadline_at)
+                  deadline_at, name, tags, samples)
 VALUES (:id, :tenant, :idempotency_key, :request_hash, :failover, :max_attempts, :priority,
-        :questions, :models, :regions_by_model, :params, :total, :now, 0, :deadline_at)
+        :questions, :models, :regions_by_model, :params, :total, :now, 0, :deadline_at,
+        :name, :tags, :samples)
 RETURNING *;
 
 -- name: get_job
@@ -24,6 +25,50 @@ WHERE job_id = :job_id GROUP BY requested_region, state;
 -- name: list_executions
 SELECT * FROM executions WHERE job_id = :job_id
 ORDER BY question_index, model, requested_region, id;
+
+-- name: list_executions_page
+SELECT * FROM executions WHERE job_id = :job_id
+ORDER BY question_index, model, requested_region, id LIMIT :limit OFFSET :offset;
+
+-- name: list_attempts_of
+SELECT * FROM attempts WHERE execution_id IN (SELECT value FROM json_each(:ids))
+ORDER BY execution_id, number;
+
+-- name: list_jobs
+-- A page of a tenant's jobs, newest first. The phase filter is the job view's, from
+-- the cancel flag and two probes of executions_job: something unfinished, something
+-- that is not queued (:unfinished / :started are 1, 0 or NULL for "either").
+SELECT * FROM jobs j
+WHERE j.tenant = :tenant
+  AND (:after_created IS NULL OR j.created_at < :after_created
+       OR (j.created_at = :after_created AND j.id < :after_id))
+  AND (:name IS NULL OR instr(lower(coalesce(j.name, '')), lower(:name)) > 0)
+  AND (:cancelled IS NULL OR j.cancelled = :cancelled)
+  AND (:unfinished IS NULL OR :unfinished = EXISTS (
+        SELECT 1 FROM executions e
+        WHERE e.job_id = j.id AND e.state IN ('queued', 'leased', 'retry_wait')))
+  AND (:started IS NULL OR :started = EXISTS (
+        SELECT 1 FROM executions e WHERE e.job_id = j.id AND e.state <> 'queued'))
+ORDER BY j.created_at DESC, j.id DESC LIMIT :limit;
+
+-- name: retry_job
+SELECT max_attempts FROM jobs WHERE id = :job_id AND tenant = :tenant;
+
+-- name: uncancel_job
+UPDATE jobs SET cancelled = 0 WHERE id = :job_id;
+
+-- name: retry_executions
+-- Back to the requested region's queue with a fresh budget of attempts.
+UPDATE executions
+SET state = 'queued', attempt_base = attempts, max_attempts = attempts + :max_attempts,
+    executed_region = NULL, last_region = NULL, due_at = NULL, failed_at = NULL,
+    last_error = NULL, output = NULL, result = NULL, finished_at = NULL,
+    lease_token = NULL, lease_expires_at = NULL, leased_by = NULL, leased_at = NULL,
+    claimed_from = NULL
+WHERE job_id = :job_id
+  AND (state = 'dead' OR (:include_cancelled AND state = 'cancelled'))
+  AND (:regions IS NULL OR requested_region IN (SELECT value FROM json_each(:regions)))
+  AND (:models IS NULL OR model IN (SELECT value FROM json_each(:models)));
 
 -- name: list_attempts
 SELECT a.* FROM attempts a JOIN executions e ON e.id = a.execution_id
@@ -102,7 +147,7 @@ SET state = 'leased', attempts = attempts + 1, lease_token = :token,
     executed_region = :region, claimed_from = :source
 WHERE id = :id
 RETURNING id, job_id, tenant, question_index, question, model, requested_region, attempts,
-          max_attempts, failover, deferrals;
+          max_attempts, failover, deferrals, sample, messages;
 
 -- name: job_params
 SELECT id, params, deadline_at FROM jobs WHERE id IN (SELECT value FROM json_each(:job_ids));

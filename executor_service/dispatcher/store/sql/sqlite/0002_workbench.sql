@@ -1,0 +1,14 @@
+-- The researcher's workbench: job names, tags and samples; per execution its sample
+-- number, its call's chat messages, and where its current round of attempts starts
+-- (POST /jobs/<id>/retry gives a dead execution a fresh budget of attempts while its
+-- attempt log keeps every earlier one).
+
+ALTER TABLE jobs ADD COLUMN name TEXT;
+ALTER TABLE jobs ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';   -- JSON list
+ALTER TABLE jobs ADD COLUMN samples INTEGER NOT NULL DEFAULT 1;
+
+ALTER TABLE executions ADD COLUMN sample INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE executions ADD COLUMN messages TEXT;                -- JSON list, NULL: a prompt
+ALTER TABLE executions ADD COLUMN attempt_base INTEGER NOT NULL DEFAULT 0;
+
+-- GET /jobs reads jobs_tenant_created (tenant, created_at) backwards: no new index.
