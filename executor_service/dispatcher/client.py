@@ -176,10 +176,14 @@ class ExecutorClient:
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": model,
-            "prompt": prompt,
             "request_id": request_id,
             "timeout_s": float(params.get("timeout_s") or self.region.timeout_s),
         }
+        # a question given as chat messages (or with a system prompt) is sent as them
+        if params.get("messages"):
+            body["messages"] = params["messages"]
+        else:
+            body["prompt"] = prompt
         for name in ("max_tokens", "temperature", "seed"):
             if params.get(name) is not None:
                 body[name] = params[name]

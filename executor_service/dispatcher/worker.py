@@ -113,6 +113,18 @@ def request_id_for(claim: Claim) -> str:
     return f"{claim.job_id}.{claim.execution_id}.{claim.call}"
 
 
+def call_params(claim: Claim) -> dict[str, Any]:
+    """The job's call parameters for this execution: its chat messages, when it has
+    them (the client sends them instead of the prompt), and for sample N of a seeded
+    job the seed + N, so samples differ and each is reproducible."""
+    params = dict(claim.params)
+    if claim.messages is not None:
+        params["messages"] = claim.messages
+    if claim.sample and params.get("seed") is not None:
+        params["seed"] = int(params["seed"]) + claim.sample
+    return params
+
+
 class RegionWorker:
     """Claims and runs one region's executions."""
 
@@ -305,7 +317,7 @@ class RegionWorker:
                 return
             try:
                 result = self.client.execute(
-                    claim.model, claim.question, request_id_for(claim), claim.params
+                    claim.model, claim.question, request_id_for(claim), call_params(claim)
                 )
             except Exception as exc:  # a bug in the client, not the executor's answer
                 logger.exception("executor call raised", extra=log)

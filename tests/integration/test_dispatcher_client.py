@@ -113,6 +113,13 @@ def test_success_sends_the_contract_and_returns_the_body(server: Server) -> None
     assert headers["Authorization"] == "Bearer k-1"
 
 
+def test_chat_messages_are_sent_instead_of_the_prompt(server: Server) -> None:
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]
+    assert call(server, "ok", messages=chat).ok
+    body, _ = server.requests[-1]
+    assert body["messages"] == chat and "prompt" not in body
+
+
 @pytest.mark.parametrize(
     ("scenario", "code", "status", "retry_after"),
     [

@@ -809,7 +809,11 @@ def kill(store: Store, region: RegionSpec, now: float) -> list[int]:
 def test_samples_and_messages_expand_into_numbered_executions(store: Store) -> None:
     chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q0?"}]
     new = make_job(
-        questions=2, regions=("r1", "r2"), samples=3, messages=[chat, None], name="probe",
+        questions=2,
+        regions=("r1", "r2"),
+        samples=3,
+        messages=[chat, None],
+        name="probe",
         tags=["eval", "v2"],
     )
     job, _ = store.create_job(new, T0)
