@@ -14,8 +14,6 @@ the region workers run in their own process (``executor-service dispatcher``).
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -26,7 +24,7 @@ from flask import Flask, Response, current_app, g, request, stream_with_context
 from flask_smorest import Blueprint
 
 from ..errors import APIError, Conflict, NotFound, error_response
-from . import metrics, progress
+from . import exports, metrics, progress
 from .config import DispatcherSettings
 from .jobs import JobLimits, build_job
 from .pacing_view import pace_view, waiting_view
@@ -40,28 +38,15 @@ from .schemas import (
     ResultsQuerySchema,
     ResultsSchema,
 )
-from .store.base import Execution, IdempotencyConflict, Job, State, Store, StoreError
+from .store.base import Execution, IdempotencyConflict, Job, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
 blp = Blueprint("dispatcher", __name__, description="Jobs of questions x models x regions.")
 
-CSV_COLUMNS = (
-    "execution_id",
-    "question_index",
-    "question",
-    "model",
-    "requested_region",
-    "executed_region",
-    "state",
-    "attempts",
-    "errors",
-    "created_at",
-    "finished_at",
-    "model_ms",
-    "total_ms",
-    "output",
-)
+# Executions per page of GET /jobs/<id>/results, and per store read while an export
+# streams: a page of full answers and attempt logs stays a few MB.
+RESULTS_PAGE = 1000
 
 
 class StoreUnavailable(APIError):
@@ -156,7 +141,9 @@ def execution_view(e: Execution) -> dict[str, Any]:
         "requested_region": e.requested_region,
         "executed_region": e.executed_region,
         "state": e.state.value,
-        "attempts": e.attempts,
+        # this round's attempts (a retry of the job starts a new round); the log has all
+        "attempts": e.attempts - e.attempt_base,
+        "attempts_total": e.attempts,
         "deferrals": e.deferrals,
         "attempt_log": [
             {
@@ -183,51 +170,24 @@ def execution_view(e: Execution) -> dict[str, Any]:
     }
 
 
-def _attempt_errors(view: Mapping[str, Any]) -> str:
-    parts = []
-    for a in view["attempt_log"]:
-        if a["error"]:
-            err = a["error"]
-            parts.append(f"#{a['number']} {a['region']}: {err.get('code')}: {err.get('message')}")
-    return " | ".join(parts)
-
-
-def _csv_rows(executions: list[Execution]) -> Iterator[str]:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS)
-    for e in executions:
-        view = execution_view(e)
-        timing = view["timing"] or {}
-        writer.writerow(
-            [
-                view["id"],
-                view["question_index"],
-                view["question"],
-                view["model"],
-                view["requested_region"],
-                view["executed_region"] or "",
-                view["state"],
-                view["attempts"],
-                _attempt_errors(view),
-                view["created_at"],
-                "" if view["finished_at"] is None else view["finished_at"],
-                timing.get("model_ms", ""),
-                timing.get("total_ms", ""),
-                view["output"] or "",
-            ]
-        )
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-    yield buffer.getvalue()
-
-
-def _wants_csv(fmt: str | None) -> bool:
+def _export_format(fmt: str | None) -> str:
+    """json, csv or jsonl: ?format= first, else the Accept header."""
     if fmt is not None:
-        return fmt == "csv"
-    best = request.accept_mimetypes.best_match(["application/json", "text/csv"])
-    return best == "text/csv"
+        return fmt
+    types = {"application/json": "json", "text/csv": "csv", "application/x-ndjson": "jsonl"}
+    best = request.accept_mimetypes.best_match(list(types))
+    return types.get(best or "application/json", "json")
+
+
+def _all_views(store: Store, job_id: str) -> Iterator[dict[str, Any]]:
+    """Every execution view of the job, read one page at a time."""
+    offset = 0
+    while True:
+        page = store.executions(job_id, with_attempts=True, offset=offset, limit=RESULTS_PAGE)
+        yield from (execution_view(e) for e in page)
+        if len(page) < RESULTS_PAGE:
+            return
+        offset += len(page)
 
 
 # -- routes -------------------------------------------------------------------
@@ -275,25 +235,37 @@ def get_job(job_id: str) -> dict[str, Any]:
 
 @blp.route("/jobs/<job_id>/results", methods=["GET"])
 @blp.arguments(ResultsQuerySchema, location="query")
-@blp.response(200, ResultsSchema, description="JSON; CSV with ?format=csv or Accept: text/csv")
+@blp.response(
+    200,
+    ResultsSchema,
+    description="JSON, one page (next_cursor); the whole job as CSV with ?format=csv or "
+    "Accept: text/csv, as JSONL with ?format=jsonl or Accept: application/x-ndjson",
+)
 @blp.alt_response(404, description="not_found")
 def get_results(query: dict[str, Any], job_id: str) -> Any:
-    """Every execution: question, model, requested and executed region, state, each
-    attempt's error and timing, and the answer."""
+    """Every execution: question, messages, model, sample, requested and executed region,
+    state, each attempt's error and timing, and the answer."""
     st = state()
     job = _owned_job(job_id)
-    executions = st.store.executions(job.id, with_attempts=True)
-    if _wants_csv(query.get("format")):
-        response = Response(
-            stream_with_context(_csv_rows(executions)), mimetype="text/csv; charset=utf-8"
-        )
-        response.headers["Content-Disposition"] = f'attachment; filename="job-{job.id}.csv"'
+    fmt = _export_format(query.get("format"))
+    if fmt in ("csv", "jsonl"):
+        views = _all_views(st.store, job.id)
+        chunks = exports.csv_chunks(views) if fmt == "csv" else exports.jsonl_lines(views)
+        mimetype = "text/csv" if fmt == "csv" else "application/x-ndjson"
+        response = Response(stream_with_context(chunks), mimetype=f"{mimetype}; charset=utf-8")
+        response.headers["Content-Disposition"] = f'attachment; filename="job-{job.id}.{fmt}"'
         return response
+    offset = query.get("cursor") or 0
+    limit = query.get("limit") or RESULTS_PAGE
+    page = st.store.executions(job.id, with_attempts=True, offset=offset, limit=limit)
     phase = job_view(job, st.store.job_counts(job.id), st.clock())["state"]
+    more = offset + len(page) < job.total
     return {
         "job_id": job.id,
         "state": phase,
-        "executions": [execution_view(e) for e in executions],
+        "total": job.total,
+        "executions": [execution_view(e) for e in page],
+        "next_cursor": str(offset + len(page)) if more else None,
     }
 
 

@@ -251,7 +251,10 @@ class ExecutionSchema(Schema):
     requested_region = fields.String()
     executed_region = fields.String(allow_none=True)
     state = fields.String(metadata={"enum": [s.value for s in State]})
-    attempts = fields.Integer(metadata={"description": "attempts counted toward max_attempts"})
+    attempts = fields.Integer(
+        metadata={"description": "this round's attempts toward max_attempts (a retry starts over)"}
+    )
+    attempts_total = fields.Integer(metadata={"description": "every round's"})
     deferrals = fields.Integer(
         metadata={"description": "calls refused for rate or capacity (not attempts)"}
     )
@@ -266,14 +269,30 @@ class ExecutionSchema(Schema):
     finished_at = fields.Float(allow_none=True)
 
 
+# One page of results: enough for a screen, small enough to hold answers in memory.
+MAX_RESULTS_PAGE = 10_000
+
+
 class ResultsQuerySchema(Schema):
-    format = fields.String(load_default=None, validate=validate.OneOf(["json", "csv"]))
+    format = fields.String(load_default=None, validate=validate.OneOf(["json", "csv", "jsonl"]))
+    limit = fields.Integer(
+        validate=validate.Range(1, MAX_RESULTS_PAGE),
+        metadata={"description": "executions per JSON page (default 1000)"},
+    )
+    cursor = fields.Integer(
+        validate=validate.Range(min=0),
+        metadata={"description": "next_cursor of the previous page"},
+    )
 
 
 class ResultsSchema(Schema):
     job_id = fields.String()
     state = fields.String()
+    total = fields.Integer(metadata={"description": "executions in the job"})
     executions = fields.List(fields.Nested(ExecutionSchema))
+    next_cursor = fields.String(
+        allow_none=True, metadata={"description": "pass as ?cursor= for the next page"}
+    )
 
 
 class CancelSchema(Schema):

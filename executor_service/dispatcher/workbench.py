@@ -1,6 +1,8 @@
-"""The researcher's workbench routes: the cross-region comparison of a job's answers.
+"""The researcher's workbench routes: list jobs, re-run failed cells, compare regions.
 
-    GET /jobs/<id>/compare      per model a grid question x region, how the regions'
+    GET  /jobs                  the tenant's jobs, newest first (cursor, state, name)
+    POST /jobs/<id>/retry       re-queue dead (and optionally cancelled) executions
+    GET  /jobs/<id>/compare     per model a grid question x region, how the regions'
                                 answers differ, refusals, usage and cost (compare.py)
 
 Kept beside ``api.py`` (submit, follow, results, cancel) so each module stays about
@@ -9,15 +11,22 @@ one thing; both share ``api.state()`` and its tenant check.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 from typing import Any
 
+from flask import g
 from flask_smorest import Blueprint
-from marshmallow import Schema, fields
+from marshmallow import Schema, fields, validate
 
+from ..errors import ValidationFailed
 from . import compare
 from .api import _owned_job, execution_view, job_view, state
-from .schemas import QuestionSchema
+from .schemas import JobSchema, QuestionSchema
+from .store.base import JobQuery, RetryRequest
+from .store.models import JOB_PHASES
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +39,7 @@ class UsageTotalSchema(Schema):
     completion_tokens = fields.Integer()
     cost_usd = fields.Float(
         allow_none=True,
-        metadata={"description": "from the regions file's prices; null unless every call is priced"},
+        metadata={"description": "from the regions file's prices; null unless all are priced"},
     )
 
 
@@ -84,6 +93,128 @@ class CompareSchema(Schema):
     state = fields.String()
     models = fields.List(fields.Nested(CompareModelSchema))
     usage = fields.Nested(UsageSchema)
+
+
+# Jobs per page of GET /jobs: each costs one count query, so a page stays small.
+DEFAULT_JOBS_PAGE, MAX_JOBS_PAGE = 50, 200
+
+
+class JobsQuerySchema(Schema):
+    state = fields.String(validate=validate.OneOf(list(JOB_PHASES)))
+    name = fields.String(
+        validate=validate.Length(min=1, max=200),
+        metadata={"description": "case-insensitive part of the job's name"},
+    )
+    limit = fields.Integer(
+        load_default=DEFAULT_JOBS_PAGE, validate=validate.Range(1, MAX_JOBS_PAGE)
+    )
+    cursor = fields.String(metadata={"description": "next_cursor of the previous page"})
+
+
+class JobsPageSchema(Schema):
+    jobs = fields.List(fields.Nested(JobSchema))
+    next_cursor = fields.String(allow_none=True)
+
+
+class RetryBodySchema(Schema):
+    regions = fields.List(
+        fields.String(),
+        validate=validate.Length(min=1),
+        metadata={"description": "only executions requested in these regions"},
+    )
+    models = fields.List(
+        fields.String(), validate=validate.Length(min=1), metadata={"description": "only these"}
+    )
+    include_cancelled = fields.Boolean(
+        load_default=False, metadata={"description": "re-queue cancelled executions too"}
+    )
+
+
+class RetrySchema(Schema):
+    job_id = fields.String()
+    requeued = fields.Integer(metadata={"description": "executions queued again now"})
+    state = fields.String()
+    progress = fields.Dict()
+
+
+def encode_cursor(created_at: float, job_id: str) -> str:
+    """The position after a job in the newest-first listing, opaque to clients."""
+    raw = json.dumps([created_at, job_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """A cursor back to (created_at, job_id); ValidationFailed if it was not ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        return float(created_at), str(job_id)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValidationFailed(
+            details={"cursor": ["not a cursor this API gave out (use next_cursor)"]}
+        ) from None
+
+
+@blp.route("/jobs", methods=["GET"])
+@blp.arguments(JobsQuerySchema, location="query")
+@blp.response(200, JobsPageSchema)
+def list_jobs(query: dict[str, Any]) -> dict[str, Any]:
+    """The tenant's jobs, newest first, with their progress; filter by state (queued,
+    running, finished, cancelling, cancelled) and by part of the name."""
+    st = state()
+    after = decode_cursor(query["cursor"]) if query.get("cursor") else None
+    limit = query["limit"]
+    found = st.store.list_jobs(
+        JobQuery(g.tenant, limit + 1, after, query.get("state"), query.get("name"))
+    )
+    page, more = found[:limit], len(found) > limit
+    now = st.clock()
+    return {
+        "jobs": [job_view(job, st.store.job_counts(job.id), now) for job in page],
+        "next_cursor": encode_cursor(page[-1].created_at, page[-1].id) if more else None,
+    }
+
+
+@blp.route("/jobs/<job_id>/retry", methods=["POST"])
+@blp.arguments(RetryBodySchema(), required=False)
+@blp.response(200, RetrySchema)
+@blp.alt_response(404, description="not_found")
+@blp.alt_response(422, description="validation_error: a region or model not in the job")
+def retry_job(body: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """Re-queue the job's dead executions (cancelled ones too with include_cancelled),
+    only those of the given regions and models if any: each in its requested region,
+    attempts starting over; the job runs again."""
+    st = state()
+    job = _owned_job(job_id)
+    errors: dict[str, list[str]] = {}
+    in_job = sorted({r for regions in job.regions_by_model.values() for r in regions})
+    unknown = [r for r in body.get("regions") or [] if r not in in_job]
+    if unknown:
+        errors["regions"] = [f"not in this job: {unknown}; the job's regions: {in_job}"]
+    unknown = [m for m in body.get("models") or [] if m not in job.models]
+    if unknown:
+        errors["models"] = [f"not in this job: {unknown}; the job's models: {job.models}"]
+    if errors:
+        raise ValidationFailed(details=errors)
+    regions, models = body.get("regions"), body.get("models")
+    requeued = st.store.retry_job(
+        RetryRequest(
+            tenant=g.tenant,
+            job_id=job.id,
+            now=st.clock(),
+            include_cancelled=body.get("include_cancelled", False),
+            regions=None if regions is None else tuple(regions),
+            models=None if models is None else tuple(models),
+        )
+    )
+    logger.info("job retry", extra={"job_id": job.id, "requeued": requeued})
+    view = job_view(_owned_job(job_id), st.store.job_counts(job.id), st.clock())
+    return {
+        "job_id": job.id,
+        "requeued": requeued,
+        "state": view["state"],
+        "progress": view["progress"],
+    }
 
 
 def job_comparison(job_id: str) -> dict[str, Any]:

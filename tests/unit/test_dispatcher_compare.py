@@ -51,7 +51,8 @@ def test_differing_answers_are_marked_word_by_word() -> None:
     row = m["rows"][0]
     assert row["differs"] and not row["exact_match"]
     assert row["similarity"] == pytest.approx(0.8)
-    changed = {r: [s["text"] for s in c["segments"] if s["changed"]] for r, c in row["cells"].items()}
+    cells = row["cells"]
+    changed = {r: [s["text"] for s in c["segments"] if s["changed"]] for r, c in cells.items()}
     assert [t.strip() for t in changed["eu"]] == ["yes"]
     assert [t.strip() for t in changed["us"]] == ["no"]
     # the runs join back into the answer, spacing included

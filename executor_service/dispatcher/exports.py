@@ -1,0 +1,130 @@
+"""A job's results as files: JSONL (one execution per line, every field) and CSV (the
+same columns, nested values as JSON), times in ISO-8601 UTC.
+
+Both are written from execution views (``api.execution_view``) a page at a time, so
+a job of 100,000 executions streams without being held in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+View = Mapping[str, Any]
+
+# One column per field a researcher filters or joins on; nested values (messages,
+# usage, attempt_log) are JSON text in CSV and nested objects in JSONL.
+COLUMNS = (
+    "execution_id",
+    "question_index",
+    "question",
+    "messages",
+    "model",
+    "requested_region",
+    "executed_region",
+    "sample",
+    "state",
+    "attempts",
+    "output",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "usage",
+    "errors",
+    "last_error",
+    "created_at",
+    "finished_at",
+    "model_ms",
+    "total_ms",
+    "attempt_log",
+)
+
+
+def iso(t: float | None) -> str | None:
+    """Seconds since the epoch as ISO-8601 UTC with milliseconds (None stays None)."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def attempt_errors(view: View) -> str:
+    """Every failed attempt in one line: ``#n region: code: message | ...``."""
+    parts = []
+    for a in view["attempt_log"]:
+        if a["error"]:
+            err = a["error"]
+            parts.append(f"#{a['number']} {a['region']}: {err.get('code')}: {err.get('message')}")
+    return " | ".join(parts)
+
+
+def record(view: View) -> dict[str, Any]:
+    """One execution as an export record, keys in ``COLUMNS`` order."""
+    usage = view.get("usage") or {}
+    timing = view.get("timing") or {}
+    return {
+        "execution_id": view["id"],
+        "question_index": view["question_index"],
+        "question": view["question"],
+        "messages": view.get("messages"),
+        "model": view["model"],
+        "requested_region": view["requested_region"],
+        "executed_region": view["executed_region"],
+        "sample": view.get("sample", 0),
+        "state": view["state"],
+        "attempts": view["attempts"],
+        "output": view["output"],
+        "finish_reason": view.get("finish_reason"),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "usage": view.get("usage"),
+        "errors": attempt_errors(view),
+        "last_error": view.get("last_error"),
+        "created_at": iso(view["created_at"]),
+        "finished_at": iso(view["finished_at"]),
+        "model_ms": timing.get("model_ms"),
+        "total_ms": timing.get("total_ms"),
+        "attempt_log": [
+            {**a, "started_at": iso(a["started_at"]), "finished_at": iso(a["finished_at"])}
+            for a in view["attempt_log"]
+        ],
+    }
+
+
+def jsonl_lines(views: Iterable[View]) -> Iterator[str]:
+    """One JSON object per line, every field."""
+    for view in views:
+        yield json.dumps(record(view), ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return value
+
+
+def csv_chunks(views: Iterable[View]) -> Iterator[str]:
+    """The header, then one row per execution, as text chunks to stream."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(COLUMNS)
+    for view in views:
+        writer.writerow([_cell(v) for v in record(view).values()])
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+def wide_csv(header: list[str], rows: Iterable[list[Any]]) -> str:
+    """A table (``compare.wide_rows``) as CSV text."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows([[_cell(v) for v in row] for row in rows])
+    return buffer.getvalue()
