@@ -18,7 +18,7 @@ from ..errors import ValidationFailed
 from ..executor.schemas import MAX_PROMPT_CHARS
 from .config import DispatcherSettings
 from .regions import Regions
-from .store.base import Failover, NewJob
+from .store.base import Claim, Failover, NewJob
 
 logger = logging.getLogger(__name__)
 
@@ -227,3 +227,15 @@ def build_job(
         params=params,
         deadline_s=body.get("deadline_s") or limits.default_deadline_s,
     )
+
+
+def call_params(claim: Claim) -> dict[str, Any]:
+    """The job's call parameters for this execution: its chat messages, when it has
+    them (the client sends them instead of the prompt), and for sample N of a seeded
+    job the seed + N, so samples differ and each is reproducible."""
+    params = dict(claim.params)
+    if claim.messages is not None:
+        params["messages"] = claim.messages
+    if claim.sample and params.get("seed") is not None:
+        params["seed"] = int(params["seed"]) + claim.sample
+    return params

@@ -39,6 +39,7 @@ from .circuit import ModelCircuits
 from .client import CallResult, ExecutorClient, Outcome
 from .config import DispatcherSettings
 from .recording import Recorder
+from .jobs import call_params
 from .regions import Region, Regions
 from .rules import ClaimRequest
 from .runtime import DaemonPool, Pool, ThreadWakeup, Wakeup
@@ -111,18 +112,6 @@ def request_id_for(claim: Claim) -> str:
     """The executor request id of one call: job, execution and call number (attempts and
     deferrals), so the executor's logs show every call of every execution exactly once."""
     return f"{claim.job_id}.{claim.execution_id}.{claim.call}"
-
-
-def call_params(claim: Claim) -> dict[str, Any]:
-    """The job's call parameters for this execution: its chat messages, when it has
-    them (the client sends them instead of the prompt), and for sample N of a seeded
-    job the seed + N, so samples differ and each is reproducible."""
-    params = dict(claim.params)
-    if claim.messages is not None:
-        params["messages"] = claim.messages
-    if claim.sample and params.get("seed") is not None:
-        params["seed"] = int(params["seed"]) + claim.sample
-    return params
 
 
 class RegionWorker:

@@ -42,7 +42,7 @@ def test_a_good_file_loads_in_order_with_defaults(tmp_path: Path) -> None:
 
 def test_prices_per_million_tokens_are_read_per_region_and_model(tmp_path: Path) -> None:
     path = tmp_path / "regions.toml"
-    path.write_text(GOOD + 'prices = { a = { prompt = 0.15, completion = 0.6 } }\n')
+    path.write_text(GOOD + "prices = { a = { prompt = 0.15, completion = 0.6 } }\n")
     regions = Regions.load(path)
     assert regions.prices() == {"eu-west": {"a": {"prompt": 0.15, "completion": 0.6}}}
     assert regions["us-east"].prices == {}

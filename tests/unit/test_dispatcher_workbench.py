@@ -158,7 +158,7 @@ def test_chat_messages_system_prompts_samples_name_and_tags(env: Env) -> None:
     assert third["question"] == "Say hi" and third["messages"][-1]["content"] == "Say hi"
     # the worker gets the messages, and seed + sample
     claims = env.store.claim(ClaimRequest(env.regions["us"].spec(), 100, T0, 30, "w", 100))
-    from executor_service.dispatcher.worker import call_params
+    from executor_service.dispatcher.jobs import call_params
 
     seeds = {c.sample: call_params(c)["seed"] for c in claims}
     assert seeds == {0: 5, 1: 6}
@@ -348,3 +348,31 @@ def test_pages_are_public_carry_no_data_and_ship_their_script(env: Env) -> None:
             static.close()  # a file response: its handle is closed on close()
     # the data itself still needs the key
     assert env.client.get(f"/jobs/{job['id']}/compare").status_code == 401
+
+
+def test_call_params_carry_messages_and_a_seed_per_sample() -> None:
+    from executor_service.dispatcher.jobs import call_params
+    from executor_service.dispatcher.store.base import Claim, Failover
+
+    chat = [{"role": "user", "content": "q?"}]
+    base = {
+        "execution_id": 1,
+        "token": "t",
+        "job_id": "j",
+        "tenant": "t",
+        "question_index": 0,
+        "question": "q?",
+        "model": "m",
+        "requested_region": "a",
+        "region": "a",
+        "attempt": 1,
+        "max_attempts": 3,
+        "failover": Failover.NONE,
+        "lease_expires_at": 0.0,
+        "source": "new",
+    }
+    plain = Claim(**base, params={"temperature": 0.7})  # type: ignore[arg-type]
+    assert call_params(plain) == {"temperature": 0.7}
+    third = Claim(**base, params={"seed": 10}, sample=2, messages=chat)  # type: ignore[arg-type]
+    assert call_params(third) == {"seed": 12, "messages": chat}
+    assert third.params == {"seed": 10}  # the job's own parameters are not changed

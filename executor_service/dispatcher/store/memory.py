@@ -31,18 +31,16 @@ from executor_service.dispatcher.store.base import (
     Failover,
     IdempotencyConflict,
     Job,
-    JobQuery,
     NewJob,
     QueueStats,
     RegionQueue,
     RegionSpec,
-    RetryRequest,
     State,
     Store,
     StoreError,
 )
 from executor_service.dispatcher.store.memory_claims import MemoryPacing, _Queues
-from executor_service.dispatcher.store.models import JOB_PHASES
+from executor_service.dispatcher.store.memory_workbench import WorkbenchOps
 
 
 def _json(value: Any) -> Any:
@@ -99,7 +97,7 @@ class JobRow:
 
 
 @dataclass
-class MemoryStore(MemoryPacing, Store):
+class MemoryStore(WorkbenchOps, MemoryPacing, Store):
     """The Store in this process's memory. Thread-safe (one lock)."""
 
     rows: dict[int, ExecutionRow] = field(default_factory=dict)
@@ -154,9 +152,7 @@ class MemoryStore(MemoryPacing, Store):
                 cancelled=False,
                 total=records.count_executions(job),
                 deadline_at=None if job.deadline_s is None else now + job.deadline_s,
-                samples=job.samples,
-                name=job.name,
-                tags=_json(job.tags),
+                **{k: _json(getattr(job, k)) for k in ("samples", "name", "tags")},
             )
             self.jobs[created.id] = JobRow(created, job.request_hash)
             for index, question, model, region, sample, messages in records.expand(job):
@@ -200,72 +196,6 @@ class MemoryStore(MemoryPacing, Store):
         for (region, state), n in counted.items():
             counts.setdefault(region, {})[state] = n
         return counts
-
-    def executions(
-        self,
-        job_id: str,
-        with_attempts: bool = True,
-        offset: int = 0,
-        limit: int | None = None,
-    ) -> list[Execution]:
-        with self._lock:
-            self._check_open()
-            rows = sorted(
-                self._where(lambda r: r.job_id == job_id),
-                key=lambda r: (r.question_index, r.model, r.requested_region, r.id),
-            )
-            end = None if limit is None else offset + limit
-            return [self._execution(r, with_attempts) for r in rows[offset:end]]
-
-    def list_jobs(self, query: JobQuery) -> list[Job]:
-        phase = JOB_PHASES[query.state] if query.state is not None else {}
-        with self._lock:
-            self._check_open()
-            found = []
-            for row in self.jobs.values():
-                job = self._job(row)
-                if job.tenant != query.tenant:
-                    continue
-                if query.after is not None and (job.created_at, job.id) >= query.after:
-                    continue
-                if query.name is not None and query.name.lower() not in (job.name or "").lower():
-                    continue
-                states = [r.state for r in self._where(lambda r, j=job.id: r.job_id == j)]
-                facts = {
-                    "cancelled": job.cancelled,
-                    "unfinished": any(not State(st).final for st in states),
-                    "started": any(st != State.QUEUED.value for st in states),
-                }
-                if any(want is not None and facts[k] != want for k, want in phase.items()):
-                    continue
-                found.append(job)
-            found.sort(key=lambda j: (j.created_at, j.id), reverse=True)
-            return found[: query.limit]
-
-    def retry_job(self, request: RetryRequest) -> int:
-        again = {State.DEAD.value} | ({State.CANCELLED.value} if request.include_cancelled else set())
-        with self._lock:
-            self._check_open()
-            job = self.jobs.get(request.job_id)
-            if job is None or job.job.tenant != request.tenant:
-                return 0
-            requeued = 0
-            for r in self._where(
-                lambda r: r.job_id == request.job_id
-                and r.state in again
-                and (request.regions is None or r.requested_region in request.regions)
-                and (request.models is None or r.model in request.models)
-            ):
-                r.state, r.attempt_base = State.QUEUED.value, r.attempts
-                r.max_attempts = r.attempts + job.job.max_attempts
-                r.executed_region = r.last_region = r.due_at = r.failed_at = None
-                r.last_error = r.output = r.result = r.finished_at = None
-                r.lease_token = r.lease_expires_at = r.leased_by = r.leased_at = None
-                r.claimed_from = None
-                requeued += 1
-            if requeued:
-                job.cancelled = False
-            return requeued
 
     def _execution(self, r: ExecutionRow, with_attempts: bool) -> Execution:
         attempts = list(self.attempts.get(r.id, [])) if with_attempts else []

@@ -78,9 +78,7 @@ def expand(job: NewJob) -> Iterator[Expanded]:
                     yield Expanded(index, question, model, region, sample, messages)
 
 
-def execution_rows(
-    job: NewJob, job_id: str, now: float, dumps: Loads
-) -> Iterator[tuple[Any, ...]]:
+def execution_rows(job: NewJob, job_id: str, now: float, dumps: Loads) -> Iterator[tuple[Any, ...]]:
     """Rows in NEW_EXECUTION_COLUMNS order for every execution of the job; ``dumps``
     makes the JSON parameter of the messages column."""
     failover = Failover(job.failover).value
