@@ -6,6 +6,7 @@
                                     the dispatcher's processes (``dispatcher/cli.py``)
     executor-service submit JOBFILE [--follow] | status JOB | results JOB [--format ...]
                                     the dispatcher's client commands (``dispatcher/commands.py``)
+    executor-service jobs | cancel JOB | retry JOB   (``dispatcher/workbench_commands.py``)
     executor-service demo [--simulated]
                                     the whole system on one machine (``dispatcher/demo.py``)
 
@@ -26,7 +27,7 @@ import click
 
 from .config import ConfigError
 from .dispatcher import cli as dispatcher_cli
-from .dispatcher import commands, demo
+from .dispatcher import commands, demo, workbench_commands
 from .dispatcher.api_client import CLIError
 
 GUNICORN_CONFIG = "python:executor_service.executor.gunicorn_config"
@@ -79,6 +80,9 @@ main.add_command(dispatcher_cli.dispatcher)
 main.add_command(commands.submit)
 main.add_command(commands.status)
 main.add_command(commands.results)
+main.add_command(workbench_commands.jobs)
+main.add_command(workbench_commands.cancel)
+main.add_command(workbench_commands.retry)
 main.add_command(demo.demo)
 
 

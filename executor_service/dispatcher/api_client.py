@@ -58,10 +58,53 @@ class DispatcherAPI:
         return self._request("GET", f"/jobs/{job_id}").json()
 
     def results(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/jobs/{job_id}/results").json()
+        """Every execution of the job: the pages of GET /jobs/<id>/results joined."""
+        page = self._request("GET", f"/jobs/{job_id}/results").json()
+        executions = list(page["executions"])
+        while page.get("next_cursor"):
+            params = {"cursor": page["next_cursor"]}
+            page = self._request("GET", f"/jobs/{job_id}/results", params=params).json()
+            executions += page["executions"]
+        return {**page, "executions": executions, "next_cursor": None}
 
     def results_csv(self, job_id: str) -> str:
         return self._request("GET", f"/jobs/{job_id}/results", params={"format": "csv"}).text
+
+    def results_jsonl(self, job_id: str) -> str:
+        return self._request("GET", f"/jobs/{job_id}/results", params={"format": "jsonl"}).text
+
+    def compare(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/jobs/{job_id}/compare").json()
+
+    def jobs(
+        self,
+        state: str | None = None,
+        name: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """One page of the tenant's jobs, newest first (``next_cursor`` for the next)."""
+        params = {"state": state, "name": name, "limit": limit, "cursor": cursor}
+        found = {k: v for k, v in params.items() if v is not None}
+        return self._request("GET", "/jobs", params=found).json()
+
+    def retry(
+        self,
+        job_id: str,
+        regions: list[str] | None = None,
+        models: list[str] | None = None,
+        include_cancelled: bool = False,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"include_cancelled": include_cancelled}
+        if regions:
+            body["regions"] = regions
+        if models:
+            body["models"] = models
+        return self._request("POST", f"/jobs/{job_id}/retry", json=body).json()
+
+    def page_url(self, job_id: str) -> str:
+        """The job's live page in a browser (the key is typed on the page, not put here)."""
+        return f"{self.url}/jobs/{job_id}/view"
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/jobs/{job_id}/cancel").json()

@@ -4,7 +4,8 @@ ES_DISPATCHER_URL with the key in ES_DISPATCHER_KEY, and how they show a job:
     submit JOBFILE [--follow] [--idempotency-key K]   a JSON or TOML job; --follow shows a
                         progress bar per region and exits 0 only if every execution succeeded
     status JOB [--json]                               counts per region and state, progress, ETA
-    results JOB [--format table|json|csv]
+    results JOB [--format table|json|csv|jsonl|compare|compare-csv]
+                        (jsonl and compare*: ``workbench_commands.py``, with jobs, cancel, retry)
 """
 
 from __future__ import annotations
@@ -97,11 +98,12 @@ def print_status(job: Mapping[str, Any], console: Any) -> None:
             str(sum(states.values())),
         )
     console.print(table)
-    progress = job["progress"]
+    p = job["progress"]
     eta = job.get("eta_s")
     console.print(
-        f"{progress['done']}/{progress['total']} done ({progress['fraction']:.0%})"
-        + ("" if eta is None else f", ETA {eta:.1f} s")
+        f"{p['succeeded']}/{p['total']} succeeded ({p['fraction']:.0%}), {p['dead']} dead, "
+        f"{p['cancelled']} cancelled, {p['in_progress']} in progress"
+        + ("" if eta is None or not p["in_progress"] else f", ETA {eta:.1f} s")
     )
 
 
@@ -145,6 +147,7 @@ def submit(jobfile: str, follow: bool, idempotency_key: str | None) -> None:
     api = api_from_env()
     job = api.submit(load_job_file(jobfile), idempotency_key)
     console.print(f"job {job['id']}: {job['total']} executions ({job['state']})")
+    console.print(f"page: {api.page_url(job['id'])}", soft_wrap=True)
     if not follow:
         return
     job = follow_job(api, job["id"], console)
@@ -171,14 +174,18 @@ def status(job: str, as_json: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "json", "csv"]),
+    type=click.Choice(["table", "json", "csv", "jsonl", "compare", "compare-csv"]),
     default="table",
     show_default=True,
 )
 def results(job: str, fmt: str) -> None:
-    """A job's results."""
+    """A job's results (compare: the regions' answers side by side, in full)."""
     from rich.console import Console
 
+    from .workbench_commands import print_results
+
+    if print_results(job, fmt):
+        return
     api = api_from_env()
     if fmt == "csv":
         sys.stdout.write(api.results_csv(job))

@@ -22,7 +22,15 @@ JOB = {
     "total": 2,
     "states": {"succeeded": 2},
     "counts": {"us": {"succeeded": 2}},
-    "progress": {"done": 2, "total": 2, "fraction": 1.0},
+    "progress": {
+        "done": 2,
+        "total": 2,
+        "fraction": 1.0,
+        "succeeded": 2,
+        "dead": 0,
+        "cancelled": 0,
+        "in_progress": 0,
+    },
     "eta_s": None,
 }
 EXECUTION = {
@@ -63,6 +71,9 @@ class FakeAPI:
     def results_csv(self, job_id: str) -> str:
         self._check()
         return "execution_id,output\n1,an answer\n"
+
+    def page_url(self, job_id: str) -> str:
+        return f"http://dispatcher/jobs/{job_id}/view"
 
 
 @pytest.fixture
@@ -119,12 +130,13 @@ def test_submit_status_and_results(fake_api: FakeAPI, tmp_path: Path) -> None:
 
     submitted = runner.invoke(main, ["submit", str(jobfile), "--idempotency-key", "k"])
     assert submitted.exit_code == 0 and "job j1: 2 executions (running)" in submitted.output
+    assert "page: http://dispatcher/jobs/j1/view" in submitted.output
     assert fake_api.submitted == [({"questions": ["q?"], "models": ["m"]}, "k")]
 
     status = runner.invoke(main, ["status", "j1", "--json"])
     assert status.exit_code == 0 and json.loads(status.output)["id"] == "j1"
     table = runner.invoke(main, ["status", "j1"])
-    assert table.exit_code == 0 and "2/2 done (100%)" in table.output
+    assert table.exit_code == 0 and "2/2 succeeded (100%), 0 dead" in table.output
 
     as_csv = runner.invoke(main, ["results", "j1", "--format", "csv"])
     assert as_csv.exit_code == 0 and as_csv.output.startswith("execution_id,output")
