@@ -88,9 +88,9 @@ def compare_csv(grid: Mapping[str, Any]) -> str:
 
 
 def print_jobs(jobs: list[Mapping[str, Any]], console: Any) -> None:
-    from rich.table import Table
-
     from datetime import datetime
+
+    from rich.table import Table
 
     table = Table(title="jobs, newest first")
     table.add_column("created")
