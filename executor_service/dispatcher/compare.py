@@ -12,8 +12,11 @@ For each row:
 - ``similarity``: the lowest pairwise similarity between the regions' answers,
   0..1 (difflib's ratio over normalised words): the two regions that disagree
   most decide how different the row is;
-- ``differs``: the regions answered differently, or some answered and some did
-  not (a refusal or a dead cell beside an answer is a difference too);
+- ``differs``: the regions answered differently, or some answered and some
+  refused (a refusal beside an answer is a difference);
+- ``complete``: every region has an answer or a refusal; a dead, cancelled or
+  still running cell is no answer, so its row is not complete (and a dead cell is
+  not a difference: it says nothing about what the region would have answered);
 - ``refusals``: the regions whose answer is a refusal: an empty answer, or the
   provider said so (a finish_reason such as ``content_filter``, or an error
   code such as ``content_policy_violation``).
@@ -145,7 +148,6 @@ def compare_row(cells: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     ``cells`` maps region -> cell (from ``_cell``), in display order."""
     answered = [r for r, c in cells.items() if _answered(c)]
     refusals = [r for r, c in cells.items() if c["refusal"] is not None]
-    finished = [r for r, c in cells.items() if c["state"] in ("succeeded", "dead", "cancelled")]
     texts = {r: cells[r]["output"] or "" for r in answered}
     pairs = list(itertools.combinations(answered, 2))
     lowest = min((similarity(texts[a], texts[b]) for a, b in pairs), default=None)
@@ -159,11 +161,9 @@ def compare_row(cells: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
             ref_changed = [x or y for x, y in zip(ref_changed, ca, strict=True)]
             cells[region]["segments"] = segments(texts[region], cb)
         cells[reference]["segments"] = segments(texts[reference], ref_changed)
-    # A row differs once it is known to: two answers that disagree, or an answer
-    # beside a refusal or a dead cell. Cells still running decide nothing yet.
-    mixed = bool(answered) and any(r not in answered for r in finished)
     return {
-        "differs": len(normalised) > 1 or mixed,
+        "differs": len(normalised) > 1 or (bool(answered) and bool(refusals)),
+        "complete": len(answered) + len(refusals) == len(cells),
         "exact_match": complete and len(normalised) == 1,
         "similarity": None if lowest is None else round(lowest, 4),
         "refusals": refusals,

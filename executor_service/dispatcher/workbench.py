@@ -71,7 +71,12 @@ class CompareRowSchema(Schema):
     question_index = fields.Integer()
     sample = fields.Integer()
     question = fields.String()
-    differs = fields.Boolean(metadata={"description": "the finished regions' answers differ"})
+    differs = fields.Boolean(
+        metadata={"description": "the regions' answers differ (or some refused)"}
+    )
+    complete = fields.Boolean(
+        metadata={"description": "every region answered or refused (none dead or running)"}
+    )
     exact_match = fields.Boolean(metadata={"description": "every region gave the same answer"})
     similarity = fields.Float(
         allow_none=True, metadata={"description": "0..1, the least alike pair of regions"}

@@ -30,7 +30,7 @@ def _verdict(row: Mapping[str, Any]) -> str:
         return "DIFFERS" + alike
     if row["exact_match"]:
         return "same"
-    return "waiting"
+    return "incomplete"
 
 
 def print_compare(grid: Mapping[str, Any], console: Any) -> None:

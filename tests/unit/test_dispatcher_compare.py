@@ -87,19 +87,21 @@ def test_refusals_are_flagged_and_count_as_a_difference(kw: dict, reason: str) -
     row = grid([view(0, "eu", "Tiananmen Square, 1989."), view(0, "us", output, **kw)])["rows"][0]
     assert row["refusals"] == ["us"]
     assert row["cells"]["us"]["refusal"] == reason
-    assert row["differs"] and not row["exact_match"]
+    assert row["differs"] and not row["exact_match"] and row["complete"]
 
 
-def test_a_dead_cell_is_not_a_refusal_but_differs_from_an_answer() -> None:
+def test_a_dead_cell_is_neither_a_refusal_nor_a_difference() -> None:
     dead = view(0, "us", None, "dead", last_error={"code": "connection_error", "message": "down"})
     row = grid([view(0, "eu", "yes"), dead])["rows"][0]
-    assert row["refusals"] == [] and row["differs"]
+    assert row["refusals"] == [] and not row["differs"] and not row["complete"]
+    assert not row["exact_match"]
     assert compare.cell_text(row["cells"]["us"]) == "[dead: connection_error: down]"
 
 
 def test_cells_still_running_decide_nothing_yet() -> None:
     row = grid([view(0, "eu", "yes"), view(0, "us", None, "queued")])["rows"][0]
     assert not row["differs"] and not row["exact_match"] and row["similarity"] is None
+    assert not row["complete"]
 
 
 def test_rows_per_question_and_sample_cells_in_job_region_order() -> None:

@@ -79,6 +79,7 @@
     if (s < 3600) return (s / 60).toFixed(1) + " min";
     return (s / 3600).toFixed(1) + " h";
   }
+  function money(x) { return x >= 1 ? x.toFixed(2) : x.toPrecision(3); }
   function errorText(err) {
     if (!err) return "";
     return (err.code || "error") + (err.message ? ": " + err.message : "");
@@ -153,33 +154,46 @@
     }
   }
 
+  // Dead letters, one row per (model, requested region): the retry API re-queues by
+  // region and model, so that is what one button re-runs.
   function drawDead(jobId, grid) {
-    const rows = [];
+    const groups = new Map();
     for (const m of grid.models) {
       for (const row of m.rows) {
         for (const [region, cell] of Object.entries(row.cells)) {
           if (cell.state !== "dead") continue;
-          const button = el("button", {
-            type: "button", class: "retry", text: "Retry",
-            "data-region": region, "data-model": m.model,
-            title: "re-queue the dead executions of " + m.model + " in " + region,
-          });
-          button.addEventListener("click", () =>
-            retry(jobId, { regions: [region], models: [m.model] }, button));
-          rows.push(el("tr", { class: "dead", "data-region": region, "data-model": m.model },
-            el("td", {}, m.model),
-            el("td", {}, row.question + (row.sample ? " (sample " + row.sample + ")" : "")),
-            el("td", {}, region),
-            el("td", { class: "num" }, cell.attempts),
-            el("td", { class: "error" }, errorText(cell.error)),
-            el("td", {}, button)));
+          const key = m.model + "\u0000" + region;
+          if (!groups.has(key)) groups.set(key, { model: m.model, region, cells: [] });
+          groups.get(key).cells.push({ row, cell });
         }
       }
     }
+    let total = 0;
+    const rows = [...groups.values()].map((g) => {
+      total += g.cells.length;
+      const last = g.cells[g.cells.length - 1].cell;
+      const button = el("button", {
+        type: "button", class: "retry", text: "Retry " + g.cells.length,
+        "data-region": g.region, "data-model": g.model,
+        title: "re-queue the dead executions of " + g.model + " in " + g.region,
+      });
+      button.addEventListener("click", () =>
+        retry(jobId, { regions: [g.region], models: [g.model] }, button));
+      const questions = el("ul", { class: "questions" }, ...g.cells.map(({ row }) =>
+        el("li", { text: row.question + (row.sample ? " (sample " + row.sample + ")" : "") })));
+      return el("tr", { class: "dead", "data-region": g.region, "data-model": g.model },
+        el("td", {}, g.model),
+        el("td", {}, g.region),
+        el("td", { class: "num bad" }, g.cells.length),
+        el("td", {}, questions),
+        el("td", { class: "num" }, last.attempts),
+        el("td", { class: "error" }, errorText(last.error)),
+        el("td", {}, button));
+    });
     $("dead-table").tBodies[0].replaceChildren(...rows);
-    $("dead-count").textContent = String(rows.length);
-    $("retry-all").hidden = rows.length === 0;
-    $("dead-letters").classList.toggle("empty", rows.length === 0);
+    $("dead-count").textContent = String(total);
+    $("retry-all").hidden = total === 0;
+    $("dead-letters").classList.toggle("empty", total === 0);
   }
 
   function answerNode(cell) {
@@ -189,7 +203,11 @@
     } else if (cell.state === "succeeded") {
       node.textContent = cell.output || "";
     } else {
-      node.append(el("span", { class: "muted", text: cell.state + (cell.error ? " · " + errorText(cell.error) : "") }));
+      // the error in full is in the dead letters (and the tooltip); the grid stays readable
+      node.append(el("span", {
+        class: "muted", text: cell.state + (cell.error ? " · " + (cell.error.code || "error") : ""),
+        title: errorText(cell.error),
+      }));
     }
     if (cell.refusal) node.prepend(el("span", { class: "badge refusal", text: "refusal: " + cell.refusal }), " ");
     if (cell.executed_region && cell.state === "succeeded" && cell.executed_region !== cell.requested_region && cell.requested_region) {
@@ -201,13 +219,13 @@
   function drawCompare(grid) {
     const out = [];
     for (const m of grid.models) {
-      const head = el("tr", {}, el("th", { text: "question" }), el("th", { text: "regions" }),
+      const head = el("tr", {}, el("th", { text: "question" }), el("th", { text: "verdict" }),
         ...m.regions.map((r) => el("th", { text: r })));
       const rows = m.rows.map((row) => {
         let verdict;
         if (row.differs) verdict = el("span", { class: "badge differs", text: "differs" + (row.similarity === null ? "" : " · " + pct(row.similarity) + " alike") });
         else if (row.exact_match) verdict = el("span", { class: "badge same", text: "same" });
-        else verdict = el("span", { class: "muted", text: "waiting" });
+        else verdict = el("span", { class: "badge incomplete", text: "incomplete" });
         return el("tr", { class: row.differs ? "differs" : "", "data-question": row.question_index, "data-sample": row.sample },
           el("td", { class: "question" }, row.question, row.sample ? el("div", { class: "muted", text: "sample " + row.sample }) : null),
           el("td", {}, verdict),
@@ -226,7 +244,7 @@
   function usageRow(scope, t) {
     return el("tr", {}, el("td", { text: scope }), el("td", { class: "num", text: t.executions }),
       el("td", { class: "num", text: t.prompt_tokens }), el("td", { class: "num", text: t.completion_tokens }),
-      el("td", { class: "num", text: t.cost_usd === null ? "–" : t.cost_usd.toFixed(4) }));
+      el("td", { class: "num", text: t.cost_usd === null ? "–" : "$" + money(t.cost_usd) }));
   }
 
   function drawUsage(usage) {
