@@ -68,13 +68,14 @@ def test_submit_follow_status_results(regions: tuple[Path, Path], tmp_path: Path
         assert match, submitted.stdout
         job_id = match.group(1)
         assert "r1" in submitted.stdout and "r2" in submitted.stdout
+        assert f"page: {d.url}/jobs/{job_id}/view" in submitted.stdout
 
         status = cli("status", job_id, "--json", env=env)
         assert status.returncode == 0
         job = json.loads(status.stdout)
         assert job["state"] == "finished" and job["states"] == {"succeeded": 4}
         table = cli("status", job_id, env=env)
-        assert "succeeded" in table.stdout and "4/4 done" in table.stdout
+        assert "4/4 succeeded (100%), 0 dead" in table.stdout
 
         as_csv = cli("results", job_id, "--format", "csv", env=env)
         rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
@@ -84,6 +85,10 @@ def test_submit_follow_status_results(regions: tuple[Path, Path], tmp_path: Path
         assert as_json["executions"][0]["output"].startswith("simulated answer to:")
         as_table = cli("results", job_id, env=env)
         assert as_table.returncode == 0 and "Name a colour." in as_table.stdout
+        compared = cli("results", job_id, "--format", "compare", env=env)
+        assert compared.returncode == 0 and "0 of 2 rows differ" in compared.stdout
+        listed = cli("jobs", env=env)
+        assert listed.returncode == 0 and job_id in listed.stdout
 
         # idempotent resubmission through the CLI gives the same job
         first = cli("submit", str(jobfile), "--idempotency-key", "abc", env=env)

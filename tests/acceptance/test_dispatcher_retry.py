@@ -70,7 +70,9 @@ def test_idle_region_starts_the_retry_within_backoff_plus_margin(
 ) -> None:
     with dispatcher(tmp_path, executors) as d:
         api = d.api()
-        job = api.submit({"questions": ["q"], "models": ["sim"], "regions": ["a"]})
+        job = api.submit(
+            {"questions": ["q"], "models": ["sim"], "regions": ["a"], "failover": "any"}
+        )
         wait_finished(api, job["id"])
         e = only(api.results(job["id"])["executions"])
     assert e["state"] == "succeeded" and e["executed_region"] == "b"
@@ -93,7 +95,9 @@ def test_a_failed_call_goes_before_the_idle_regions_own_new_work(
         wait_until(
             lambda: api.job(own["id"])["states"].get("leased"), 10, what="b busy with its own work"
         )
-        failing = api.submit({"questions": ["x"], "models": ["sim"], "regions": ["a"]})
+        failing = api.submit(
+            {"questions": ["x"], "models": ["sim"], "regions": ["a"], "failover": "any"}
+        )
         wait_finished(api, failing["id"])
         wait_finished(api, own["id"])
         x = only(api.results(failing["id"])["executions"])
@@ -157,7 +161,13 @@ def test_a_failing_region_leaves_its_due_retry_to_the_idle_region(
     with dispatcher(tmp_path, executors, ES_CIRCUIT_THRESHOLD="100") as d:
         api = d.api()
         job = api.submit(
-            {"questions": ["q"], "models": ["sim"], "regions": ["a"], "max_attempts": 3}
+            {
+                "questions": ["q"],
+                "models": ["sim"],
+                "regions": ["a"],
+                "failover": "any",
+                "max_attempts": 3,
+            }
         )
         wait_finished(api, job["id"])
         e = only(api.results(job["id"])["executions"])
