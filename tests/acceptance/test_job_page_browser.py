@@ -189,6 +189,15 @@ def _drive_the_page(browser: Any, d: DispatcherProcess, asia: Gunicorn, tmp: Pat
     assert any(u.endswith(f"/jobs/{job['id']}/compare") for u in authorised)
     stored = page.evaluate("() => sessionStorage.getItem('executor-service.dispatcher-key')")
     assert stored == key
+
+    # The jobs list (same tab: the key is kept) links back to the job's page.
+    page.goto(f"{d.url}/jobs/view")
+    listed = page.locator(f"#jobs-table tr[data-job-id='{job['id']}']")
+    expect(listed).to_contain_text("Regional probe")
+    expect(listed).to_contain_text("finished")
+    expect(page.locator("#key-form")).to_be_hidden()
+    listed.locator("a").click()
+    expect(page.locator("#job-name")).to_have_text("Regional probe")
     context.close()
 
     # What the page showed is what the API says.
