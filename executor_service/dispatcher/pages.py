@@ -13,7 +13,7 @@ are public, while every byte of job data stays behind the API's auth.
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, render_template
+from flask import Blueprint, Flask, Response, render_template
 
 from ..auth import public_endpoint
 
@@ -28,18 +28,34 @@ bp = Blueprint(
 # How often the page asks for progress while a job runs: live enough to watch,
 # a few small queries a second per open page at most.
 POLL_MS = 1000
+# Everything the page loads comes from this server; no inline script, no framing. An
+# answer that contains markup can only ever be text (the script never uses innerHTML).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _page(template: str, **context: object) -> Response:
+    response = Response(render_template(template, poll_ms=POLL_MS, **context))
+    response.headers.update(PAGE_HEADERS)
+    return response
 
 
 @bp.get("/jobs/view")
-def jobs_page() -> str:
+def jobs_page() -> Response:
     """The list of the tenant's jobs (filled in by the script)."""
-    return render_template("workbench/jobs.html", poll_ms=POLL_MS)
+    return _page("workbench/jobs.html")
 
 
 @bp.get("/jobs/<job_id>/view")
-def job_page(job_id: str) -> str:
+def job_page(job_id: str) -> Response:
     """One job's live page (filled in by the script)."""
-    return render_template("workbench/job.html", job_id=job_id, poll_ms=POLL_MS)
+    return _page("workbench/job.html", job_id=job_id)
 
 
 def init_app(app: Flask) -> None:

@@ -129,6 +129,12 @@ def _drive_the_page(browser: Any, d: DispatcherProcess, asia: Gunicorn, tmp: Pat
             authorised.append(request.url)
 
     page.on("request", seen)
+    problems: list[str] = []  # script errors, CSP refusals: the page must have none
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on(
+        "console",
+        lambda m: m.type == "error" and "401" not in m.text and problems.append(m.text),
+    )
     page.goto(f"{d.url}/jobs/{job['id']}/view")
 
     # The page asks for the key once; it goes to sessionStorage and a bearer header.
@@ -184,6 +190,7 @@ def _drive_the_page(browser: Any, d: DispatcherProcess, asia: Gunicorn, tmp: Pat
     if target:
         shutil.copyfile(shot, target)
 
+    assert problems == []
     # Never the key in a URL; every API call carried it as a bearer header.
     assert urls and not [u for u in urls if key in u]
     assert any(u.endswith(f"/jobs/{job['id']}/compare") for u in authorised)

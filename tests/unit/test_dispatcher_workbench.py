@@ -338,12 +338,16 @@ def test_pages_are_public_carry_no_data_and_ship_their_script(env: Env) -> None:
     html = page.get_data(as_text=True)
     assert "secret question" not in html and job["id"] in html
     assert "http://" not in html and "https://" not in html  # nothing from elsewhere
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
     listing = env.client.get("/jobs/view")
     assert listing.status_code == 200 and 'data-page="jobs"' in listing.get_data(as_text=True)
     for name, expect in (("workbench.js", "Authorization"), ("workbench.css", "mark")):
         static = env.client.get(f"/ui/static/{name}")
         try:
-            assert static.status_code == 200 and expect in static.get_data(as_text=True)
+            text = static.get_data(as_text=True)
+            assert static.status_code == 200 and expect in text
+            # answers are put in the page as text only, and the key never in a URL
+            assert "innerHTML" not in text and "?key" not in text
         finally:
             static.close()  # a file response: its handle is closed on close()
     # the data itself still needs the key
