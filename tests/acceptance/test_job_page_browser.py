@@ -163,7 +163,7 @@ def _drive_the_page(browser: Any, d: DispatcherProcess, asia: Gunicorn, tmp: Pat
     # The region comes back: one dead cell's retry button, then "Retry all dead".
     asia.start()
     page.locator("#dead-table tr[data-model=probe][data-region=asia-east] button.retry").click()
-    expect(page.locator("#status")).to_contain_text("re-queued 3 executions")
+    expect(page.locator("#notice")).to_contain_text("re-queued 3 executions")
     expect(page.locator("#dead-count")).to_have_text("3")
     page.click("#retry-all")
     expect(page.locator("#overall-label")).to_contain_text("100% succeeded", timeout=UI_TIMEOUT_MS)

@@ -146,10 +146,10 @@
     if (button) button.disabled = true;
     try {
       const result = await api("POST", "/jobs/" + jobId + "/retry", payload);
-      $("status").textContent = "re-queued " + result.requeued + " executions";
-      await refreshJob(jobId);
+      $("notice").textContent = "re-queued " + result.requeued + " executions";
+      loop();  // redraw now, and poll at the running pace again
     } catch (err) {
-      $("status").textContent = "retry failed: " + err.message;
+      $("notice").textContent = "retry failed: " + err.message;
       if (button) button.disabled = false;
     }
   }
@@ -291,9 +291,13 @@
   }
 
   // -- the loop ---------------------------------------------------------------------
+  let settled = false;  // the job has nothing left to run: poll less often
   async function tick() {
     try {
-      if (body.dataset.page === "job") await refreshJob(body.dataset.jobId);
+      if (body.dataset.page === "job") {
+        const job = await refreshJob(body.dataset.jobId);
+        settled = job.progress.in_progress === 0;
+      }
       else if (body.dataset.page === "jobs") await refreshJobs(false);
       $("key-form").hidden = true;
       $("status").textContent = "updated " + new Date().toLocaleTimeString();
@@ -315,7 +319,7 @@
     showKeyState();
     // the job list is refreshed on demand; the job page live, even once finished
     // (a retry, here or from the CLI, starts it again)
-    if (ok && body.dataset.page === "job") timer = setTimeout(loop, pollMs);
+    if (ok && body.dataset.page === "job") timer = setTimeout(loop, settled ? 5 * pollMs : pollMs);
   }
 
   $("key-form").addEventListener("submit", (event) => {
