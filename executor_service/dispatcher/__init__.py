@@ -10,11 +10,15 @@ out to the executors of many regions. What lives where:
     client.py       the HTTP client of the executors (CallResult, Outcome)
     store/          the store interface, its records, and the memory, SQLite and PostgreSQL stores
     api.py          the HTTP API (create_dispatcher_app); schemas.py its schemas; jobs.py job
-                    validation and limits
+                    validation and limits, and what each call sends (messages, seeds)
+    workbench.py    GET /jobs, POST /jobs/<id>/retry, GET /jobs/<id>/compare; compare.py,
+                    progress.py, exports.py the pure functions behind them
+    pages.py        the job page and the jobs list (templates/, static/: no build step)
     config.py       DispatcherSettings (API and workers), ClientSettings (the CLI)
     regions.py      the regions file;  metrics.py  Prometheus metrics;  gunicorn_config.py
     cli.py          ``executor-service dispatcher [run|api|worker]``: the processes
-    commands.py     ``submit``, ``status``, ``results``;  api_client.py  their HTTP client
+    commands.py     ``submit``, ``status``, ``results``;  api_client.py  their HTTP client;
+                    workbench_commands.py  ``jobs``, ``cancel``, ``retry``, results --format compare
     demo.py         ``executor-service demo``
 
 A new rule goes in rules.py (and a store applies it); a new route in api.py with its

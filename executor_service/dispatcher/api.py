@@ -2,10 +2,14 @@
 
     POST /jobs                  submit (Idempotency-Key: same key and body -> the same job)
     GET  /jobs/<id>             counts per region and state, progress, ETA
-    GET  /jobs/<id>/results     every execution with its attempts (JSON, or CSV)
+    GET  /jobs/<id>/results     executions with their attempts: JSON pages, or the whole
+                                job as CSV or JSONL (exports.py)
     POST /jobs/<id>/cancel      cancel what has not started
     GET  /queue                 global retry queue; per region queues, in flight, circuit
     GET  /metrics               Prometheus (the region workers' counters too)
+
+The workbench's routes (GET /jobs, retry, compare) are in ``workbench.py``, its pages
+(/jobs/<id>/view, /jobs/view) in ``pages.py``; ``init_app`` registers them.
 
 A tenant (from the API key) sees only its own jobs: another tenant's job id is
 404, exactly like an id that does not exist. The API never calls executors:
