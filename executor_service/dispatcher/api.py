@@ -254,7 +254,8 @@ def get_results(query: dict[str, Any], job_id: str) -> Any:
     fmt = _export_format(query.get("format"))
     if fmt in ("csv", "jsonl"):
         views = _all_views(st.store, job.id)
-        chunks = exports.csv_chunks(views) if fmt == "csv" else exports.jsonl_lines(views)
+        write = exports.csv_chunks if fmt == "csv" else exports.jsonl_lines
+        chunks = write(views, job.id)
         mimetype = "text/csv" if fmt == "csv" else "application/x-ndjson"
         response = Response(stream_with_context(chunks), mimetype=f"{mimetype}; charset=utf-8")
         response.headers["Content-Disposition"] = f'attachment; filename="job-{job.id}.{fmt}"'

@@ -19,6 +19,7 @@ View = Mapping[str, Any]
 # One column per field a researcher filters or joins on; nested values (messages,
 # usage, attempt_log) are JSON text in CSV and nested objects in JSONL.
 COLUMNS = (
+    "job_id",
     "execution_id",
     "question_index",
     "question",
@@ -29,6 +30,7 @@ COLUMNS = (
     "sample",
     "state",
     "attempts",
+    "attempts_total",
     "output",
     "finish_reason",
     "prompt_tokens",
@@ -40,6 +42,7 @@ COLUMNS = (
     "finished_at",
     "model_ms",
     "total_ms",
+    "replica",
     "attempt_log",
 )
 
@@ -61,11 +64,12 @@ def attempt_errors(view: View) -> str:
     return " | ".join(parts)
 
 
-def record(view: View) -> dict[str, Any]:
-    """One execution as an export record, keys in ``COLUMNS`` order."""
+def record(view: View, job_id: str) -> dict[str, Any]:
+    """One execution of ``job_id`` as an export record, keys in ``COLUMNS`` order."""
     usage = view.get("usage") or {}
     timing = view.get("timing") or {}
     return {
+        "job_id": job_id,
         "execution_id": view["id"],
         "question_index": view["question_index"],
         "question": view["question"],
@@ -76,6 +80,7 @@ def record(view: View) -> dict[str, Any]:
         "sample": view.get("sample", 0),
         "state": view["state"],
         "attempts": view["attempts"],
+        "attempts_total": view.get("attempts_total", view["attempts"]),
         "output": view["output"],
         "finish_reason": view.get("finish_reason"),
         "prompt_tokens": usage.get("prompt_tokens"),
@@ -87,6 +92,7 @@ def record(view: View) -> dict[str, Any]:
         "finished_at": iso(view["finished_at"]),
         "model_ms": timing.get("model_ms"),
         "total_ms": timing.get("total_ms"),
+        "replica": view.get("replica"),
         "attempt_log": [
             {**a, "started_at": iso(a["started_at"]), "finished_at": iso(a["finished_at"])}
             for a in view["attempt_log"]
@@ -94,10 +100,10 @@ def record(view: View) -> dict[str, Any]:
     }
 
 
-def jsonl_lines(views: Iterable[View]) -> Iterator[str]:
+def jsonl_lines(views: Iterable[View], job_id: str) -> Iterator[str]:
     """One JSON object per line, every field."""
     for view in views:
-        yield json.dumps(record(view), ensure_ascii=False, separators=(",", ":")) + "\n"
+        yield json.dumps(record(view, job_id), ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 def _cell(value: Any) -> Any:
@@ -108,13 +114,13 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def csv_chunks(views: Iterable[View]) -> Iterator[str]:
+def csv_chunks(views: Iterable[View], job_id: str) -> Iterator[str]:
     """The header, then one row per execution, as text chunks to stream."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(COLUMNS)
     for view in views:
-        writer.writerow([_cell(v) for v in record(view).values()])
+        writer.writerow([_cell(v) for v in record(view, job_id).values()])
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()

@@ -304,6 +304,7 @@ def test_exports_carry_every_field_with_iso_times(env: Env) -> None:
         "usage",
     ):
         assert key in first
+    assert first["job_id"] == job["id"] and first["attempts_total"] == 1
     assert first["created_at"] == "2025-06-15T15:06:40.000Z"
     assert first["finished_at"].endswith("Z") and first["attempt_log"][0]["started_at"].endswith(
         "Z"
