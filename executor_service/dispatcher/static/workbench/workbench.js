@@ -147,6 +147,7 @@
     try {
       const result = await api("POST", "/jobs/" + jobId + "/retry", payload);
       $("notice").textContent = "re-queued " + result.requeued + " executions";
+      compared = { key: null, at: -Infinity };  // the dead letters changed: read them now
       loop();  // redraw now, and poll at the running pace again
     } catch (err) {
       $("notice").textContent = "retry failed: " + err.message;
@@ -254,17 +255,30 @@
     $("usage-table").tBodies[0].replaceChildren(...rows);
   }
 
+  // The comparison is the costly read (every answer, diffed): it is asked for only
+  // when the counts moved, and while the job runs at most every COMPARE_EVERY polls.
+  const COMPARE_EVERY = 5;
+  let compared = { key: null, at: -Infinity };
+  let polls = 0;
+
   async function refreshJob(jobId) {
-    const [job, queue, grid] = await Promise.all([
+    polls += 1;
+    const [job, queue] = await Promise.all([
       api("GET", "/jobs/" + jobId),
       api("GET", "/queue").catch(() => null),
-      api("GET", "/jobs/" + jobId + "/compare"),
     ]);
     drawProgress(job, queue);
-    drawDead(jobId, grid);
-    drawCompare(grid);
-    drawUsage(grid.usage);
-    document.title = pct(job.progress.fraction) + " · " + (job.name || "job " + jobId);
+    const p = job.progress;
+    const key = [p.succeeded, p.dead, p.cancelled, p.in_progress].join("/");
+    const due = p.in_progress === 0 || polls - compared.at >= COMPARE_EVERY;
+    if (key !== compared.key && due) {
+      const grid = await api("GET", "/jobs/" + jobId + "/compare");
+      compared = { key, at: polls };
+      drawDead(jobId, grid);
+      drawCompare(grid);
+      drawUsage(grid.usage);
+    }
+    document.title = pct(p.fraction) + " · " + (job.name || "job " + jobId);
     return job;
   }
 
