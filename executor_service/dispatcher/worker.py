@@ -38,8 +38,8 @@ from . import metrics, pacing, rules
 from .circuit import ModelCircuits
 from .client import CallResult, ExecutorClient, Outcome
 from .config import DispatcherSettings
-from .recording import Recorder
 from .jobs import call_params
+from .recording import Recorder
 from .regions import Region, Regions
 from .rules import ClaimRequest
 from .runtime import DaemonPool, Pool, ThreadWakeup, Wakeup

@@ -1,4 +1,4 @@
-"""A database made by the first version keeps its jobs through migration 0002_workbench:
+"""A database made by the first version keeps its jobs through migrations 0002 and 0003_workbench:
 old jobs read with the new fields' defaults and can be listed and retried."""
 
 from __future__ import annotations

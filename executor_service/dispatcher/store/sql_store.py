@@ -39,19 +39,15 @@ from executor_service.dispatcher.pacing import Pace
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
 from executor_service.dispatcher.store.base import (
-    Attempt,
-    Execution,
     IdempotencyConflict,
     Job,
-    JobQuery,
     NewJob,
     QueueStats,
     RegionQueue,
     RegionSpec,
-    RetryRequest,
     Store,
 )
-from executor_service.dispatcher.store.models import JOB_PHASES
+from executor_service.dispatcher.store.sql_workbench import SQLWorkbenchOps
 
 
 class SQLResult(Protocol):
@@ -76,7 +72,7 @@ class SQLHandle(Protocol):
 DB = TypeVar("DB", bound=SQLHandle)
 
 
-class SQLStore(Store, Generic[DB]):
+class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
     """The Store operations common to the SQL stores; ``DB`` is the handle type
     their transactions yield, so each store's hooks get its own handle."""
 
@@ -174,68 +170,6 @@ class SQLStore(Store, Generic[DB]):
         for row in rows:
             counts.setdefault(row["requested_region"], {})[row["state"]] = row["n"]
         return counts
-
-    def executions(
-        self,
-        job_id: str,
-        with_attempts: bool = True,
-        offset: int = 0,
-        limit: int | None = None,
-    ) -> list[Execution]:
-        paged = limit is not None
-        with self._transaction() as db:
-            if paged:
-                args = {"job_id": job_id, "offset": offset, "limit": limit}
-                rows = db.execute(self.queries["list_executions_page"], args).fetchall()
-            else:
-                rows = db.execute(self.queries["list_executions"], {"job_id": job_id}).fetchall()
-                rows = rows[offset:]
-            attempts: dict[int, list[Attempt]] = {}
-            if with_attempts and rows:
-                if paged:
-                    ids = self._list([r["id"] for r in rows])
-                    found = db.execute(self.queries["list_attempts_of"], {"ids": ids})
-                else:
-                    found = db.execute(self.queries["list_attempts"], {"job_id": job_id})
-                for a in found:
-                    attempts.setdefault(a["execution_id"], []).append(
-                        records.attempt_from_row(a, self._loads)
-                    )
-        return [records.execution_from_row(r, self._loads, attempts.get(r["id"], [])) for r in rows]
-
-    def list_jobs(self, query: JobQuery) -> list[Job]:
-        phase = JOB_PHASES[query.state] if query.state is not None else {}
-        args = {
-            "tenant": query.tenant,
-            "limit": query.limit,
-            "after_created": None if query.after is None else query.after[0],
-            "after_id": None if query.after is None else query.after[1],
-            "name": query.name,
-            **{k: phase.get(k) for k in ("cancelled", "unfinished", "started")},
-        }
-        with self._transaction() as db:
-            rows = db.execute(self.queries["list_jobs"], args).fetchall()
-        return [records.job_from_row(r, self._loads) for r in rows]
-
-    def retry_job(self, request: RetryRequest) -> int:
-        args = {
-            "job_id": request.job_id,
-            "tenant": request.tenant,
-            "include_cancelled": request.include_cancelled,
-            "regions": None if request.regions is None else self._list(list(request.regions)),
-            "models": None if request.models is None else self._list(list(request.models)),
-        }
-        with self._transaction(write=True) as db:
-            # The job row first: PostgreSQL's fail/release/reap lock it before the execution.
-            job = db.execute(self.queries["retry_job"], args).fetchone()
-            if job is None:
-                return 0
-            args["max_attempts"] = job["max_attempts"]
-            requeued = db.execute(self.queries["retry_executions"], args).rowcount
-            if requeued:
-                db.execute(self.queries["uncancel_job"], args)
-        self._logger.info("job retried", extra={"job_id": request.job_id, "requeued": requeued})
-        return requeued
 
     def cancel_job(self, tenant: str, job_id: str, now: float) -> int:
         args = {"job_id": job_id, "tenant": tenant, "now": now}
