@@ -97,9 +97,21 @@
   }
 
   // -- the job page --------------------------------------------------------------
+  // Why a region's work waits (GET /jobs/<id> "waiting"): per model, its circuit, a
+  // rate-limit wait, adaptive concurrency or an exhausted budget.
+  function waitingText(job, region) {
+    const models = (job.waiting || {})[region] || {};
+    return Object.entries(models).map(([model, w]) => {
+      const until = w.not_before || w.circuit_open_until;
+      const when = until ? " until " + new Date(until * 1000).toLocaleTimeString() : "";
+      return model + ": " + w.reason + when;
+    }).join("; ");
+  }
+
   function regionRow(region, job, queue) {
     const q = (queue && queue.regions || []).find((r) => r.region === region.region) || {};
     const circuit = q.circuit || "";
+    const waiting = waitingText(job, region.region);
     return el("tr", { "data-region": region.region },
       el("td", {}, region.region),
       el("td", { class: "bar-col" }, bar(region, region.total),
@@ -109,7 +121,8 @@
       el("td", { class: "num" }, region.cancelled),
       el("td", { class: "num" }, region.in_progress),
       el("td", { class: "num" }, region.in_progress ? seconds(region.eta_s) : "done"),
-      el("td", { class: circuit === "closed" ? "" : "bad" }, circuit));
+      el("td", { class: circuit === "closed" ? "" : "bad" }, circuit),
+      el("td", { class: waiting ? "waiting bad" : "waiting" }, waiting));
   }
 
   function drawProgress(job, queue) {
