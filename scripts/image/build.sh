@@ -24,5 +24,6 @@ buildah bud --layers --isolation chroot --format docker \
   --build-arg "BASE_IMAGE=$base" \
   --tag "$image" --file Dockerfile .
 built=$((SECONDS - start))
-size="$(buildah images --format '{{.Size}}' "$image" | head -1)"
+# sed, not head: head would close the pipe early and pipefail would fail the build on SIGPIPE
+size="$(buildah images --format '{{.Size}}' "$image" | sed -n 1p)"
 echo "== $image: $size, built in $built s"
