@@ -12,7 +12,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify
 from flask_smorest import Api
 
-from . import __version__, auth, errors, observability
+from . import __version__, apidocs, auth, errors, observability
 from .config import CommonSettings
 
 
@@ -31,7 +31,7 @@ def base_app(
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        OPENAPI_SWAGGER_UI_URL=apidocs.ASSETS_PREFIX,  # served from the package, offline
         API_SPEC_OPTIONS={
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
             "security": [{"bearer": []}],
@@ -47,6 +47,7 @@ def base_app(
         g.started = time.monotonic()
 
     auth.init_app(app, auth.KeyRing.from_settings(settings))
+    apidocs.init_app(app)
     observability.init_app(app, settings)
 
     @app.get("/health")

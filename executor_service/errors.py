@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from .exceptions import ExecutorServiceError
@@ -79,6 +79,12 @@ class PayloadTooLarge(APIError):
     """The request body is larger than the server accepts."""
 
     status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    """The request body must be JSON: send it with the header Content-Type: application/json."""
+
+    status, code = 415, "unsupported_media_type"
 
 
 class ValidationFailed(APIError):
@@ -161,6 +167,20 @@ def _from_http_exception(exc: HTTPException) -> APIError:
     if status == 400:
         return InvalidJSON(details={"reason": messages or exc.description})
     if status == 422:
+        webargs_messages = data.get("messages")
+        if (
+            isinstance(webargs_messages, dict)
+            and "json" in webargs_messages
+            and not request.is_json
+        ):
+            # webargs reads a body sent without a JSON Content-Type (curl -d sends form
+            # encoding) as no body: say what to send, not which fields are missing.
+            sent = f"Content-Type: {request.mimetype}" if request.mimetype else "no Content-Type"
+            return UnsupportedMediaType(
+                "the request body must be JSON: send it with the header "
+                f"'Content-Type: application/json' (this request had {sent})",
+                details={"content_type": request.mimetype or None, "expected": "application/json"},
+            )
         return ValidationFailed(details=messages or {})
     if status == 405:
         return MethodNotAllowed(details={"allowed": sorted(exc.valid_methods or [])})  # type: ignore[attr-defined]

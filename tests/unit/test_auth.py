@@ -63,8 +63,12 @@ def test_missing_or_wrong_key_gives_401(keyed_client: FlaskClient) -> None:
         assert r.status_code == 401
         assert r.json["error"]["code"] == "unauthorized"
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
-    for path in ("/models", "/metrics", "/openapi.json"):
+    for path in ("/models", "/metrics"):
         assert keyed_client.get(path).status_code == 401
+    # The docs page and the document it fetches are public: a browser sends no key.
+    for path in ("/docs", "/openapi.json", "/docs/assets/swagger-ui-bundle.js"):
+        with keyed_client.get(path) as r:  # a file response: close it
+            assert r.status_code == 200, path
 
 
 def test_right_key_passes_and_probes_are_public(keyed_client: FlaskClient) -> None:

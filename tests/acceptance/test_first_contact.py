@@ -1,0 +1,218 @@
+"""A newcomer's first contact, as they would have it: the documented command with its
+defaults (``executor-service serve``, ``executor-service dispatcher``), the README's own
+curl lines run by bash, and what they see (the status, the message, the page).
+
+Only what the README tells the user to set is set: ``ES_API_KEYS`` (and the dispatcher's
+``ES_REGIONS_FILE``); every other ``ES_*`` variable of the test process is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import pytest
+import requests
+from support import REPO, free_port, wait_until
+
+pytestmark = [pytest.mark.slow]
+
+CLI = Path(sys.executable).parent / "executor-service"
+README = REPO / "README.md"
+KEY = "first-contact-key"
+CURL = shutil.which("curl")
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment of a user who has set nothing but what the README says."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ES_", "PROMETHEUS_"))}
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def serve(tmp: Path, command: list[str], env: Mapping[str, str], ready: str) -> Iterator[str]:
+    """Run ``executor-service COMMAND --port P`` in ``tmp``; yield its URL once ``ready`` is 200."""
+    port = free_port()
+    log_path = tmp / f"{command[0]}-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(CLI), *command, "--port", str(port)],
+            env=dict(env),
+            cwd=tmp,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log_path.read_text(errors="replace")
+        return requests.get(url + ready, timeout=5).status_code == 200
+
+    try:
+        wait_until(up, 120, 0.2, what=f"{command[0]} on {url}")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def executor_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`executor-service serve` with the packaged catalog (SmolLM2) and one key."""
+    tmp = tmp_path_factory.mktemp("serve")
+    with serve(tmp, ["serve", "--workers", "1"], user_env(ES_API_KEYS=KEY), "/ready") as url:
+        yield url
+
+
+def readme_curl_commands(section: str) -> list[str]:
+    """The curl commands of the README's ``section`` (a ``## `` or ``### `` title), with
+    their continuation lines joined, comments and ``#`` results left out."""
+    text = README.read_text()
+    start = text.index(section)
+    end = text.find("\n## ", start + len(section))
+    blocks = re.findall(r"```sh\n(.*?)```", text[start : end if end > 0 else None], re.S)
+    commands: list[str] = []
+    for block in blocks:
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [line for line in joined.splitlines() if line.startswith("curl ")]
+    return commands
+
+
+def run_curl(command: str, url: str) -> subprocess.CompletedProcess[str]:
+    """Run a README curl line with bash, as pasted into a shell where ``KEY`` is exported."""
+    assert CURL, "curl is not installed: apt-get install curl"
+    line = command.replace("localhost:8000", url).replace("localhost:8100", url)
+    return subprocess.run(
+        ["bash", "-c", line + " -w '\\n%{http_code}'"],
+        env=user_env(KEY=KEY),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_no_curl_example_hides_a_variable_in_single_quotes() -> None:
+    """`-H 'Authorization: Bearer $KEY'` sends the text $KEY: the shell expands nothing
+    inside single quotes."""
+    docs = [README, *sorted((REPO / "docs").glob("*.md"))]
+    offenders = [
+        f"{path.name}: {line.strip()}"
+        for path in docs
+        for line in path.read_text().splitlines()
+        if "curl " in line and any("$" in quoted for quoted in re.findall(r"'([^']*)'", line))
+    ]
+    assert offenders == []
+
+
+@pytest.mark.model
+def test_readme_executor_curl_examples_work_with_a_key(executor_url: str) -> None:
+    """Every curl line of the executor's README section, pasted into bash with KEY set:
+    the one with the key is answered, none is refused for a wrong key."""
+    commands = readme_curl_commands("## The executor")
+    with_key = [c for c in commands if "Authorization" in c]
+    assert with_key, "the README shows how to send the key"
+    for command in with_key:
+        result = run_curl(command, executor_url)
+        body, status = result.stdout.rsplit("\n", 1)
+        assert status == "200", f"{command}\n{body}"
+        assert json.loads(body)["output"].strip()
+    # The README lines without a key meet a server that has one: 401, never a 500.
+    for command in set(commands) - set(with_key):
+        result = run_curl(command, executor_url)
+        assert result.stdout.rsplit("\n", 1)[1] == "401", command
+
+
+@pytest.mark.model
+def test_a_body_without_json_content_type_says_to_send_it(executor_url: str) -> None:
+    """`curl -d '{...}'` sends `application/x-www-form-urlencoded`: the answer says to
+    send `Content-Type: application/json`, not that the model is missing."""
+    assert CURL
+    result = subprocess.run(
+        [CURL, "-s", "-w", "\n%{http_code}", f"{executor_url}/execute",
+         "-H", f"Authorization: Bearer {KEY}",
+         "-d", '{"model": "smollm2-135m", "prompt": "hi"}'],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "415"
+    error = json.loads(body)["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert "Content-Type: application/json" in error["message"]
+    assert "application/x-www-form-urlencoded" in error["message"]
+
+
+class _Assets(HTMLParser):
+    """The script and stylesheet URLs of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "script" and found.get("src"):
+            self.urls.append(found["src"] or "")
+        if tag == "link" and found.get("href"):
+            self.urls.append(found["href"] or "")
+
+
+@pytest.mark.model
+def test_docs_open_in_a_browser_with_keys_set_and_need_no_internet(executor_url: str) -> None:
+    """What a browser does with /docs: it sends no key, loads every script and style the
+    page names (all from this server: no CDN), then fetches the OpenAPI document."""
+    page = requests.get(executor_url + "/docs", timeout=10)
+    assert page.status_code == 200
+    assert page.headers["Content-Type"].startswith("text/html")
+    parser = _Assets()
+    parser.feed(page.text)
+    assert len(parser.urls) >= 3, page.text
+    for ref in parser.urls:
+        url = urljoin(executor_url + "/docs", ref)
+        assert urlsplit(url).netloc == urlsplit(executor_url).netloc, f"{ref} is not local"
+        asset = requests.get(url, timeout=10)
+        assert asset.status_code == 200, ref
+        assert len(asset.content) > 1000, ref
+    spec_url = re.search(r'url: "([^"]+)"', page.text)
+    assert spec_url, page.text
+    spec = requests.get(urljoin(executor_url, spec_url.group(1)), timeout=10)
+    assert spec.status_code == 200
+    assert "/execute" in spec.json()["paths"]
+    # The API itself still wants the key.
+    assert requests.get(executor_url + "/models", timeout=10).status_code == 401
+
+
+def test_dispatcher_says_to_send_json_content_type(tmp_path: Path) -> None:
+    """`executor-service dispatcher` as the README runs it (regions file, SQLite default
+    store in the working directory): a job posted with plain `curl -d` gets 415."""
+    assert CURL
+    regions = tmp_path / "regions.toml"
+    regions.write_text(
+        '[regions.local]\nurl = "http://127.0.0.1:9"\nconcurrency = 1\nmodels = ["smollm2-135m"]\n'
+    )
+    env = user_env(ES_REGIONS_FILE=str(regions), ES_API_KEYS=KEY)
+    with serve(tmp_path, ["dispatcher"], env, "/health") as url:
+        result = subprocess.run(
+            [CURL, "-s", "-w", "\n%{http_code}", f"{url}/jobs",
+             "-H", f"Authorization: Bearer {KEY}",
+             "-d", '{"questions": ["hi"], "models": ["smollm2-135m"]}'],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        body, status = result.stdout.rsplit("\n", 1)
+        assert status == "415", body
+        error = json.loads(body)["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert "Content-Type: application/json" in error["message"]
+        # /docs of the dispatcher opens without a key too.
+        assert requests.get(url + "/docs", timeout=10).status_code == 200
+        assert requests.get(url + "/openapi.json", timeout=10).status_code == 200
