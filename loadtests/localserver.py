@@ -116,17 +116,32 @@ class LocalExecutor:
             "ES_API_KEYS_FILE": "",
             "ES_LOG_LEVEL": log_level,
             "ES_REGION": "loadtest-local",
-            "ES_MAX_IN_FLIGHT": str(max_in_flight or 0),
         }
+        # Unset means the server's default (gunicorn_config): never the shell's value.
+        self.env.pop("ES_MAX_IN_FLIGHT", None)
+        if max_in_flight:
+            self.env["ES_MAX_IN_FLIGHT"] = str(max_in_flight)
         if max_requests is not None:
             self.env["GUNICORN_MAX_REQUESTS"] = str(max_requests)
         self.env.update(env or {})
-        self.description = (
+        self._server = (
             f"{worker_class} {workers} workers x {threads} threads"
             if worker_class == "gthread"
             else f"gevent {workers} workers"
-        ) + f", ES_MAX_IN_FLIGHT={self.env['ES_MAX_IN_FLIGHT'] or 'default'}"
+        )
+        # The admission limit per worker: as configured, then as the server reports it.
+        self.max_in_flight: int | None = int(self.env.get("ES_MAX_IN_FLIGHT") or 0) or None
+        self._limit_is_default = self.max_in_flight is None
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def description(self) -> str:
+        """What runs, e.g. ``gthread 4 workers x 2 threads, ES_MAX_IN_FLIGHT=2 per worker
+        (the default)``; before start() an unset limit reads "the default"."""
+        if self.max_in_flight is None:
+            return f"{self._server}, ES_MAX_IN_FLIGHT: the default"
+        default = " (the default)" if self._limit_is_default else ""
+        return f"{self._server}, ES_MAX_IN_FLIGHT={self.max_in_flight} per worker{default}"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -152,6 +167,10 @@ class LocalExecutor:
         except (TimeoutError, RuntimeError):
             self.stop()
             raise RuntimeError(f"gunicorn did not start; log:\n{self.log()[-4000:]}") from None
+        if self.max_in_flight is None and self.app == EXECUTOR_APP:
+            # The limit the workers really use (gunicorn_config derives the default).
+            limit = self.metric("executor_admission_limit")
+            self.max_in_flight = int(limit) if limit else None
         return self
 
     def _ready(self) -> bool:

@@ -28,6 +28,7 @@ request entry, and (dispatcher) a job that did not complete within ``--job-timeo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -486,6 +487,10 @@ def _check_thresholds(environment: Environment, **_: Any) -> None:
             logger.warning("%d jobs were still running when the test stopped", unfinished)
     for problem in problems:
         logger.error("THRESHOLD FAILED: %s", problem)
+    verdict_file = os.environ.get("LOADTEST_VERDICT_FILE")
+    if verdict_file:  # run.py puts the verdict and its reasons at the top of the HTML report
+        with open(verdict_file, "w") as handle:
+            json.dump({"problems": problems}, handle)
     if problems:
         environment.process_exit_code = 1
     else:

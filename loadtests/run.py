@@ -17,16 +17,19 @@ deployed region) and starts nothing.
     LOADTEST_API_KEY=... .venv/bin/python loadtests/run.py --target dispatcher \\
         --host https://dispatcher.example.net --model sim-fast --users 4
 
-Reports (CSV and HTML, plus the gunicorn log of a local run) go to
-``loadtests/reports/NAME*``. Exit code: 0 when every threshold held, 1 when one
-failed (locust's own code, or this script's server checks), 2 on bad usage,
-3 when locust did not stop in time.
+Reports (CSV and HTML, plus the servers' logs of a local run) go to the folder
+``loadtests/reports/NAME/``; the HTML report opens with the verdict (PASSED or
+FAILED and why), the thresholds and what was loaded. Exit code: 0 when every
+threshold held, 1 when one failed (locust's own code, or this script's server
+checks), 2 on bad usage, 3 when locust did not stop in time.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import html
+import json
 import math
 import os
 import subprocess
@@ -98,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--log-level", default="warning", help="ES_LOG_LEVEL of the server")
     report = parser.add_argument_group("reports")
-    report.add_argument("--report-dir", type=Path, default=REPORTS)
-    report.add_argument("--name", default="", help="report file prefix (default TARGET-TIMESTAMP)")
+    report.add_argument(
+        "--report-dir", type=Path, default=REPORTS, help="each run writes a folder NAME here"
+    )
+    report.add_argument(
+        "--name", default="", help="the run's folder and file prefix (default TARGET-TIMESTAMP)"
+    )
     report.add_argument("--progress", action="store_true", help="print locust's table every 2 s")
     report.add_argument(
         "locust_args", nargs="*", help="more locust arguments, after --", metavar="LOCUST_ARG"
@@ -194,15 +201,24 @@ def check_server(server: LocalExecutor) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     seconds = parse_duration(args.duration)
     name = args.name or f"{args.target}-{time.strftime('%Y%m%d-%H%M%S')}"
-    args.report_dir.mkdir(parents=True, exist_ok=True)
-    prefix = args.report_dir / name
+    run_dir = args.report_dir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prefix = run_dir / name
+    verdict_file = Path(f"{prefix}_thresholds.json")
+    verdict_file.unlink(missing_ok=True)
     server: LocalExecutor | None = None
     dispatcher: LocalDispatcher | None = None
     # Never a default shown by --help: the key comes from the environment.
     api_key = args.api_key or os.environ.get("LOADTEST_API_KEY", "")
-    env = dict(os.environ, LOADTEST_TARGET=args.target, LOADTEST_API_KEY=api_key)
+    env = dict(
+        os.environ,
+        LOADTEST_TARGET=args.target,
+        LOADTEST_API_KEY=api_key,
+        LOADTEST_VERDICT_FILE=str(verdict_file),
+    )
     host = args.host
     code: int
+    problems: list[str] = []
     try:
         if not args.host:
             server = LocalExecutor(
@@ -214,8 +230,9 @@ def run(args: argparse.Namespace) -> int:
                 max_requests=args.max_requests,
                 log_path=Path(f"{prefix}-gunicorn.log"),
             )
-            print(f"starting the executor: {server.description} on {server.url}", flush=True)
+            print(f"starting the executor on {server.url} ...", flush=True)
             server.start()
+            print(f"executor: {server.description}", flush=True)
             host, env["LOADTEST_API_KEY"] = server.url, server.api_key
             if args.target == "dispatcher":
                 # As many dispatcher slots as the executor admits: no 503 by design.
@@ -251,10 +268,99 @@ def run(args: argparse.Namespace) -> int:
         print(f"SERVER CHECK FAILED: {problem}", file=sys.stderr)
     if code == 0 and problems:
         code = 1
-    logs = "".join(f", {x.log_path}" for x in (server, dispatcher) if x)
-    print(f"reports: {prefix}_stats.csv, {prefix}.html{logs}")
+    reasons = locust_problems(verdict_file, code) + [f"server check: {p}" for p in problems]
+    report_html = Path(f"{prefix}.html")
+    if report_html.exists():
+        add_verdict(
+            report_html, verdict_html(code, reasons, run_facts(args, host, seconds, server))
+        )
+    files = [f"{report_html.name} (open it in a browser)", f"{prefix.name}_stats.csv"]
+    files += [x.log_path.name for x in (server, dispatcher) if x]
+    print(f"reports in {run_dir}/: {', '.join(files)}")
     print("PASSED" if code == 0 else f"FAILED (exit code {code})")
     return code
+
+
+def locust_problems(verdict_file: Path, code: int) -> list[str]:
+    """The thresholds locust found failed (locustfile.py writes them), or why there are none."""
+    try:
+        problems = list(json.loads(verdict_file.read_text())["problems"])
+    except (OSError, ValueError, KeyError):
+        problems = []
+    if code == 3:
+        problems.append(f"locust did not stop within --duration + {LOCUST_GRACE_S:g} s")
+    elif code != 0 and not problems and not verdict_file.exists():
+        problems.append(f"locust exited with code {code} before judging the thresholds")
+    return problems
+
+
+def run_facts(
+    args: argparse.Namespace, host: str, seconds: float, server: LocalExecutor | None
+) -> dict[str, list[tuple[str, str]]]:
+    """What a reader of the report needs beside the figures: what was loaded, and the bar."""
+    loaded = [
+        ("target", f"{args.target} at {host}"),
+        ("model", args.model),
+        ("load", f"{args.users} users for {seconds:g} s, think time {args.think_min:g}.."
+                 f"{args.think_max:g} s, {args.bad_share:.0%} invalid requests"),
+    ]  # fmt: skip
+    if server:
+        loaded.append(("server", f"local: {server.description}"))
+    if args.target == "dispatcher":
+        models = args.job_models or args.model
+        loaded.append(("jobs", f"{args.job_questions} questions x {models}, regions "
+                               f"{args.job_regions or 'all serving'}"))  # fmt: skip
+    p95 = f"<= {args.p95_ms:g} ms for every request entry" if args.p95_ms else "not checked"
+    thresholds = [
+        ("failures", "none unexpected: 200 for a valid call, 422 validation_error naming the "
+                     "field for an invalid one" + (", 503 overloaded allowed" if args.overload_ok
+                                                   else "")),
+        ("p95 latency", p95),
+        ("requests", "at least one; no exception in the user code"),
+    ]  # fmt: skip
+    if args.target == "dispatcher":
+        thresholds.append(("jobs", f"each completes within {args.job_timeout:g} s, every "
+                                   "execution succeeded with an output"))  # fmt: skip
+    if server:
+        thresholds.append(("server", "no model call in flight 30 s after the run; no traceback, "
+                                     "WORKER TIMEOUT or critical line in the logs"))  # fmt: skip
+    return {"what was loaded": loaded, "thresholds": thresholds}
+
+
+def verdict_html(code: int, reasons: list[str], facts: dict[str, list[tuple[str, str]]]) -> str:
+    """A banner for the top of locust's report: the verdict first, then why and against what."""
+    passed = code == 0
+    colour = "#1b5e20" if passed else "#b71c1c"
+    title = "PASSED: every threshold held" if passed else f"FAILED (exit code {code})"
+    parts = [
+        '<section id="loadtest-verdict" style="font-family:sans-serif;background:#fff;color:#111;'
+        f'border:4px solid {colour};margin:16px auto;max-width:1152px;padding:12px 20px">',
+        f'<h1 style="color:{colour};margin:0 0 8px">{html.escape(title)}</h1>',
+    ]
+    if reasons:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in reasons) + "</ul>")
+    for heading, rows in facts.items():
+        parts.append(f'<h3 style="margin:8px 0 4px">{html.escape(heading)}</h3><table>')
+        parts += [
+            f'<tr><th style="text-align:left;padding-right:16px;vertical-align:top">'
+            f"{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+            for k, v in rows
+        ]
+        parts.append("</table>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def add_verdict(report: Path, banner: str) -> None:
+    """Put ``banner`` at the top of locust's HTML report (after ``<body>``)."""
+    text = report.read_text()
+    at = text.find("<body>")
+    if at < 0:
+        text = banner + text
+    else:
+        at += len("<body>")
+        text = text[:at] + "\n" + banner + text[at:]
+    report.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

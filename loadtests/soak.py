@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     seconds, warmup = parse_duration(args.duration), parse_duration(args.warmup)
     name = f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
-    args.report_dir.mkdir(parents=True, exist_ok=True)
-    prefix = args.report_dir / name
+    (args.report_dir / name).mkdir(parents=True, exist_ok=True)
+    prefix = args.report_dir / name / name  # one folder per run, as run.py's
     server = LocalExecutor(
         worker_class=args.worker_class,
         workers=args.workers,

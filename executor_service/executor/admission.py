@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..errors import Overloaded
-from .metrics import ADMISSION_REJECTIONS, IN_FLIGHT
+from .metrics import ADMISSION_LIMIT, ADMISSION_REJECTIONS, IN_FLIGHT
 
 
 class Admission:
@@ -25,6 +25,7 @@ class Admission:
         self._slots = threading.BoundedSemaphore(limit)
         self._lock = threading.Lock()
         self.in_flight = 0
+        ADMISSION_LIMIT.set(limit)
 
     @contextmanager
     def slot(self) -> Iterator[None]:

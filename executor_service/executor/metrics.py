@@ -25,6 +25,11 @@ MODEL_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 IN_FLIGHT = Gauge("executor_in_flight", "Model calls in flight.", multiprocess_mode="livesum")
+# The admission limit of a worker process (ES_MAX_IN_FLIGHT or its default): in flight / this
+# is how full a worker is, and load tests report the limit a server really ran with.
+ADMISSION_LIMIT = Gauge(
+    "executor_admission_limit", "Model calls a worker admits at once.", multiprocess_mode="livemax"
+)
 ADMISSION_REJECTIONS = Counter(
     "executor_admission_rejections_total", "Requests answered 503 because the process was full."
 )

@@ -9,8 +9,10 @@ warnings never touch this test process.
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,11 +24,13 @@ pytestmark = pytest.mark.slow
 
 
 def run_loadtest(
-    report_dir: Path, name: str, *args: str, timeout: float = 90
+    report_dir: Path | None, name: str, *args: str, timeout: float = 90
 ) -> subprocess.CompletedProcess[str]:
-    """Run loadtests/run.py as a user would, reports in ``report_dir`` named ``name``."""
+    """Run loadtests/run.py as a user would, reports in ``report_dir`` (None: the default,
+    loadtests/reports) under the folder ``name``."""
+    where = ["--report-dir", str(report_dir)] if report_dir else []
     return subprocess.run(
-        [sys.executable, str(RUN), "--report-dir", str(report_dir), "--name", name, *args],
+        [sys.executable, str(RUN), *where, "--name", name, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -36,37 +40,56 @@ def run_loadtest(
 
 def stats_rows(report_dir: Path, name: str) -> dict[str, dict[str, str]]:
     """Locust's final per-request rows (and "Aggregated"), by request name."""
-    with (report_dir / f"{name}_stats.csv").open(newline="") as handle:
+    with (report_dir / name / f"{name}_stats.csv").open(newline="") as handle:
         return {row["Name"]: row for row in csv.DictReader(handle)}
 
 
 @pytest.mark.timeout(120)
-def test_short_load_test_passes_and_reports(tmp_path: Path) -> None:
-    """A 20 s run at a rate the server handles: exit 0, reports written, no failure,
-    and the invalid requests were answered 422 without counting as failures."""
-    result = run_loadtest(
-        tmp_path,
-        "short",
-        "--duration", "20s",
-        "--users", "8",
-        "--think-max", "0.5",
-        "--bad-share", "0.1",
-        "--p95-ms", "2000",
-    )  # fmt: skip
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert "PASSED" in result.stdout
-    rows = stats_rows(tmp_path, "short")
-    total = rows["Aggregated"]
-    assert int(total["Request Count"]) > 0
-    assert int(total["Failure Count"]) == 0
-    assert int(rows["/execute"]["Request Count"]) > 0
-    invalid = rows["/execute [invalid -> 422]"]
-    assert int(invalid["Request Count"]) > 0
-    assert int(invalid["Failure Count"]) == 0
-    html = (tmp_path / "short.html").read_text()
-    assert "/execute" in html
-    assert (tmp_path / "short-gunicorn.log").exists()
+def test_short_load_test_passes_and_reports() -> None:
+    """A 20 s run at a rate the server handles, reports where docs/loadtests.md says
+    (loadtests/reports/NAME/): exit 0, no failure, the invalid requests answered 422
+    without counting as failures, and the HTML report opens with the verdict."""
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    run_dir = REPO / "loadtests" / "reports" / name
+    try:
+        result = run_loadtest(
+            None,
+            name,
+            "--duration", "20s",
+            "--users", "8",
+            "--think-max", "0.5",
+            "--bad-share", "0.1",
+            "--p95-ms", "2000",
+        )  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert result.stdout.splitlines()[-1] == "PASSED"
+        # The admission limit the server really ran with, never "ES_MAX_IN_FLIGHT=0".
+        assert (
+            "executor: gthread 4 workers x 2 threads, ES_MAX_IN_FLIGHT=2 per worker (the default)"
+            in result.stdout.splitlines()
+        )
+        assert "ES_MAX_IN_FLIGHT=0" not in output
+        assert f"reports in {run_dir}/: {name}.html" in result.stdout
+        rows = stats_rows(run_dir.parent, name)
+        total = rows["Aggregated"]
+        assert int(total["Request Count"]) > 0
+        assert int(total["Failure Count"]) == 0
+        assert int(rows["/execute"]["Request Count"]) > 0
+        invalid = rows["/execute [invalid -> 422]"]
+        assert int(invalid["Request Count"]) > 0
+        assert int(invalid["Failure Count"]) == 0
+        html = (run_dir / f"{name}.html").read_text()
+        assert "/execute" in html
+        banner = html[html.index('<section id="loadtest-verdict"') :]
+        banner = banner[: banner.index("</section>")]
+        assert "PASSED: every threshold held" in banner
+        assert "sim-fast" in banner
+        assert "&lt;= 2000 ms for every request entry" in banner
+        assert "ES_MAX_IN_FLIGHT=2 per worker" in banner
+        assert (run_dir / f"{name}-gunicorn.log").exists()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.mark.timeout(90)
@@ -89,3 +112,8 @@ def test_impossible_p95_bound_fails_the_run(tmp_path: Path) -> None:
     rows = stats_rows(tmp_path, "strict")
     assert int(rows["Aggregated"]["Request Count"]) > 0
     assert int(rows["Aggregated"]["Failure Count"]) == 0
+    html = (tmp_path / "strict" / "strict.html").read_text()
+    banner = html[html.index('<section id="loadtest-verdict"') :]
+    assert "FAILED (exit code 1)" in banner
+    assert "<li>p95 of POST /execute is " in banner
+    assert "sim-50ms" in banner
