@@ -21,8 +21,9 @@ Configurations (``--only`` picks some):
     gevent-4             gevent 4 workers, limit 100 (the default): 400 admitted nominally
     gevent-4-limit200    gevent 4 workers, ES_MAX_IN_FLIGHT=200
 
-Results: ``docs/img/capacity.json`` and ``docs/img/capacity_*.png`` (``--out``).
-``--plot-only`` redraws the charts from the JSON without measuring.
+Results: ``docs/img/capacity.json`` and the charts of ``capacity_charts.py``
+(``docs/img/capacity_*.png``, ``--out``). ``--plot-only`` redraws the charts from the
+JSON without measuring.
 
     .venv/bin/python loadtests/capacity.py                  # about 12 minutes
     .venv/bin/python loadtests/capacity.py --quick          # about 4 minutes, coarser
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capacity_charts import plot
 from loadgen import measure
 from localserver import REPO, CpuMeter, LocalExecutor, machine, wait_until
 
@@ -143,102 +145,6 @@ def measure_config(config: Config, levels: list[int], args: argparse.Namespace) 
         "peak_ok_per_s": max(p["ok_per_s"] for p in points),
         "server_trouble": trouble[:5],
     }
-
-
-def plot(study: dict[str, Any], out: Path) -> list[Path]:
-    """Throughput and latency charts, one PNG each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    # On a log axis, label the minor ticks at 2x and 4x a power of ten only.
-    sparse = FuncFormatter(lambda value, _: f"{value:g}" if f"{value:g}"[0] in "24" else "")
-
-    results = study["results"]
-    paths: list[Path] = []
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for res in results:
-        xs = [p["users"] for p in res["points"]]
-        label = res["config"]["label"]
-        line = ax.plot(
-            xs, [p["ok_per_s"] for p in res["points"]], marker="o", label=f"{label}: 200/s"
-        )
-        color = line[0].get_color()
-        if any(p["overloaded_per_s"] for p in res["points"]):
-            ys = [p["overloaded_per_s"] for p in res["points"]]
-            ax.plot(xs, ys, linestyle="--", marker="x", color=color, label=f"{label}: 503/s")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.xaxis.set_major_formatter(plain)
-    ax.yaxis.set_major_formatter(plain)
-    ax.set_xlabel("concurrent users (closed loop, no think time)")
-    ax.set_ylabel("answers per second")
-    ax.set_title("One replica, 1 s simulated model: throughput")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "capacity_throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    cols = 2
-    rows = (len(results) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(10, 3.6 * rows), squeeze=False)
-    for ax, res in zip(axes.flat, results, strict=False):
-        pts = res["points"]
-        xs = [p["users"] for p in pts]
-        for key, label in (("p50_s", "p50"), ("p95_s", "p95"), ("p99_s", "p99")):
-            ax.plot(
-                xs,
-                [p[key] if p[key] is not None else float("nan") for p in pts],
-                marker="o",
-                label=f"200 {label}",
-            )
-        if any(p["overloaded_p99_s"] for p in pts):
-            ax.plot(
-                xs,
-                [p["overloaded_p99_s"] or float("nan") for p in pts],
-                marker="x",
-                linestyle="--",
-                color="black",
-                label="503 p99",
-            )
-        if res["first_503_at_users"]:
-            ax.axvline(
-                res["first_503_at_users"],
-                color="red",
-                alpha=0.4,
-                linestyle=":",
-                label=f"first 503 at {res['first_503_at_users']} users",
-            )
-        ax.axvline(
-            res["config"]["admitted"],
-            color="grey",
-            alpha=0.4,
-            label=f"admitted capacity {res['config']['admitted']}",
-        )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(plain)
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(sparse)
-        ax.set_title(res["config"]["label"], fontsize=9)
-        ax.set_xlabel("concurrent users", fontsize=8)
-        ax.set_ylabel("latency, s", fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(results) :]:
-        ax.axis("off")
-    fig.suptitle("One replica, 1 s simulated model: latency against concurrency")
-    fig.tight_layout()
-    paths.append(out / "capacity_latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
 
 
 def build_parser() -> argparse.ArgumentParser:

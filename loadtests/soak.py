@@ -100,15 +100,24 @@ def chart(
     import matplotlib.pyplot as plt
 
     pids = sorted({pid for _, rss in samples for pid in rss})
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for pid in pids:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    # One question per chart, the run's details under it (see capacity_charts.py).
+    fig.suptitle(
+        "Does a worker's memory grow during a long run?",
+        fontsize=13,
+        fontweight="bold",
+        x=0.01,
+        ha="left",
+    )
+    for number, pid in enumerate(pids, 1):
         points = [(t / 60, rss[pid]) for t, rss in samples if pid in rss]
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=f"worker {pid}")
-    ax.axvline(warmup / 60, color="grey", linestyle=":", label="end of warm-up (baseline)")
-    ax.set_xlabel("minutes")
-    ax.set_ylabel("RSS, MiB")
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, label=f"gunicorn worker {number} (pid {pid})")
+    ax.axvline(warmup / 60, color="grey", linestyle=":", label="end of warm-up (the baseline)")
+    ax.set_xlabel("time since the start of the run, minutes")
+    ax.set_ylabel("resident memory of the worker, MiB")
     ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8, loc="left", color="#444")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
