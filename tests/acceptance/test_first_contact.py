@@ -216,3 +216,105 @@ def test_dispatcher_says_to_send_json_content_type(tmp_path: Path) -> None:
         # /docs of the dispatcher opens without a key too.
         assert requests.get(url + "/docs", timeout=10).status_code == 200
         assert requests.get(url + "/openapi.json", timeout=10).status_code == 200
+
+
+# -- starting: one line naming the variable, never a traceback --------------------------
+def start_fails(tmp: Path, argv: list[str], env: Mapping[str, str]) -> tuple[int, list[str]]:
+    """Run a start command that must refuse to start; its exit code and output lines."""
+    result = subprocess.run(
+        argv, env=dict(env), cwd=tmp, capture_output=True, text=True, timeout=60
+    )
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return result.returncode, lines
+
+
+def test_missing_catalog_is_one_line_naming_es_catalog(tmp_path: Path) -> None:
+    env = user_env(ES_CATALOG=str(tmp_path / "no-such-catalog.toml"))
+    code, lines = start_fails(tmp_path, [str(CLI), "serve", "--port", str(free_port())], env)
+    assert code == 2
+    assert len(lines) == 1, "\n".join(lines)
+    assert lines[0].startswith("executor-service: configuration error: ES_CATALOG=")
+    assert "no-such-catalog.toml" in lines[0]
+    assert "unset ES_CATALOG" in lines[0]  # what to do
+
+
+def test_missing_catalog_under_plain_gunicorn_says_so_without_a_traceback(tmp_path: Path) -> None:
+    """What the container runs: `gunicorn -c gunicorn.conf.py wsgi:app`."""
+    env = user_env(ES_CATALOG=str(tmp_path / "no-such-catalog.toml"), HOST="127.0.0.1",
+                   PORT=str(free_port()))  # fmt: skip
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py"), "wsgi:app"]
+    result = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output
+    assert "Worker failed to boot" not in output
+    errors = [line for line in output.splitlines() if "ES_CATALOG" in line]
+    assert len(errors) == 1, output
+    assert "configuration error: ES_CATALOG=" in errors[0]
+
+
+def regions_file(tmp: Path, api_key_env: str | None = None) -> Path:
+    path = tmp / "regions.toml"
+    key = f'api_key_env = "{api_key_env}"\n' if api_key_env else ""
+    path.write_text(
+        f'[regions.r1]\nurl = "http://127.0.0.1:9"\nconcurrency = 1\nmodels = ["m"]\n{key}'
+    )
+    return path
+
+
+@pytest.mark.postgres
+def test_wrong_database_name_is_one_line_naming_es_database_url(tmp_path: Path) -> None:
+    from dispatcher_harness import POSTGRES_URL
+
+    url = POSTGRES_URL.rsplit("/", 1)[0] + "/no_such_database_fc"
+    env = user_env(ES_REGIONS_FILE=str(regions_file(tmp_path)), ES_DATABASE_URL=url)
+    code, lines = start_fails(tmp_path, [str(CLI), "dispatcher", "--port", str(free_port())], env)
+    assert code == 2
+    assert len(lines) == 1, "\n".join(lines)
+    assert lines[0].startswith("executor-service: configuration error: ES_DATABASE_URL=")
+    assert 'database "no_such_database_fc" does not exist' in lines[0]
+
+
+@pytest.mark.postgres
+def test_unset_region_key_stops_the_start_before_any_migration(tmp_path: Path) -> None:
+    import psycopg
+    from dispatcher_harness import postgres_database
+
+    key_env = "FC_REGION_KEY_THAT_IS_NOT_SET"
+    with postgres_database() as url:
+        env = user_env(ES_REGIONS_FILE=str(regions_file(tmp_path, key_env)), ES_DATABASE_URL=url)
+        env.pop(key_env, None)
+        argv = [str(CLI), "dispatcher", "--port", str(free_port())]
+        code, lines = start_fails(tmp_path, argv, env)
+        assert code == 2
+        assert len(lines) == 1, "\n".join(lines)
+        assert key_env in lines[0] and "'r1'" in lines[0]
+        with psycopg.connect(url) as conn:
+            tables = conn.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+            ).fetchone()
+        assert tables == (0,), "a migration ran before the start was refused"
+
+
+# -- a healthy start: no warning, each role's own metrics and log fields ----------------
+def test_executor_start_logs_no_warning(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text('[models."sim"]\nprovider = "simulated"\n')
+    with serve(tmp_path, ["serve", "--workers", "1"], user_env(ES_CATALOG=str(catalog)), "/ready"):
+        pass
+    log = next(tmp_path.glob("serve-*.log")).read_text()
+    assert "Booting worker" in log
+    assert [line for line in log.splitlines() if "WARNING" in line] == []
+
+
+def test_dispatcher_metrics_and_logs_are_its_own(tmp_path: Path) -> None:
+    env = user_env(ES_REGIONS_FILE=str(regions_file(tmp_path)))
+    with serve(tmp_path, ["dispatcher"], env, "/health") as url:
+        metrics = requests.get(url + "/metrics", timeout=10).text
+    names = {line.split("{")[0].split(" ")[0] for line in metrics.splitlines() if line[:1] != "#"}
+    assert any(name.startswith("dispatcher_") for name in names), metrics[:2000]
+    assert sorted(n for n in names if n.startswith("executor_")) == []
+    log = next(tmp_path.glob("dispatcher-*.log")).read_text()
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert records, log
+    assert [r for r in records if r.get("region") == "local"] == []

@@ -49,11 +49,12 @@ def test_smoke_script_passes_and_fails_when_it_should(tmp_path: Path) -> None:
     with Gunicorn(tmp_path, env) as server:
         ok = smoke(server.url, "k1")
         assert ok.returncode == 0, ok.stderr
+        executed = [x for x in ok.stdout.splitlines() if x.startswith("ok   POST /execute (sim)")]
         assert ok.stdout.splitlines() == [
             "ok   GET /health -> 200",
             "ok   GET /ready -> 200",
             "ok   GET /models (wrong key) -> 401",
-            *[line for line in ok.stdout.splitlines() if line.startswith("ok   POST /execute (sim)")],
+            *executed,
             "ok   POST /execute (bad request) -> 422 validation_error",
             f"smoke check passed: {server.url}",
         ]
