@@ -72,6 +72,12 @@ def serve(
     ):
         if value is not None:
             env[name] = str(value)
+    # Settings and catalog before gunicorn: a mistake is one line here (exit 2), not
+    # gunicorn's start-up lines and then the error.
+    from .executor.catalog import Catalog
+    from .executor.config import ExecutorSettings
+
+    Catalog.load(ExecutorSettings.from_env(env).catalog_path)
     argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, EXECUTOR_APP]
     os.execvpe(sys.executable, argv, env)
 

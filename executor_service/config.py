@@ -191,6 +191,12 @@ class CommonSettings(EnvSettings):
         default=False, metadata={"env": "ES_SENTRY_SEND_PROMPTS", "parse": _parse_bool}
     )
 
+    @property
+    def log_region(self) -> str | None:
+        """The region every log line and Sentry event of this process carries (None: a
+        line carries the region of its own work, or none)."""
+        return self.region
+
 
 def __getattr__(name: str) -> Any:
     """``Settings``: every role's settings in one class (imported lazily: the role

@@ -37,12 +37,12 @@ SENSITIVE_KEYS = frozenset({"prompt", "messages", "output", "content", "question
 class RequestContextFilter(logging.Filter):
     """Adds request_id, model, region and tenant from the Flask request, when there is one."""
 
-    def __init__(self, region: str) -> None:
+    def __init__(self, region: str | None) -> None:
         super().__init__()
         self.region = region
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "region"):
+        if self.region is not None and not hasattr(record, "region"):
             record.region = self.region
         if has_request_context():
             for name in ("request_id", "model", "tenant"):
@@ -63,7 +63,7 @@ def configure_logging(settings: Settings) -> None:
         )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    handler.addFilter(RequestContextFilter(settings.region))
+    handler.addFilter(RequestContextFilter(settings.log_region))
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_executor_service", False):
@@ -123,7 +123,8 @@ def init_sentry(settings: Settings, transport: Any = None) -> bool:
     if transport is not None:
         options["transport"] = transport
     sentry_sdk.init(**options)
-    sentry_sdk.set_tag("region", settings.region)
+    if settings.log_region is not None:
+        sentry_sdk.set_tag("region", settings.log_region)
     sentry_sdk.set_tag("replica", settings.replica)
     return True
 

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -64,6 +65,31 @@ def _load_settings() -> Any:
     return settings, regions
 
 
+def _shown_url(database_url: str) -> str:
+    """The URL without its password, fit for a message."""
+    parts = urlsplit(database_url)
+    if parts.password is None:
+        return database_url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def open_configured_store(database_url: str) -> Any:
+    """``open_store`` (and migrate), a failure said in one line that names ES_DATABASE_URL:
+    a wrong database name, host or password is a setting to fix, not a traceback."""
+    from ..config import ConfigError
+    from .store import StoreError, open_store
+
+    try:
+        return open_store(database_url)
+    except StoreError as exc:
+        detail = " ".join(str(exc).split())  # psycopg's messages span lines
+        raise ConfigError(
+            f"ES_DATABASE_URL={_shown_url(database_url)}: {detail} (check the host, port, "
+            "database name and credentials; a PostgreSQL database must exist: createdb NAME)"
+        ) from None
+
+
 API_ARGV = [sys.executable, "-m", "gunicorn", "-c", API_GUNICORN_CONFIG, API_APP]
 
 
@@ -92,7 +118,8 @@ def run(host: str, port: int, no_api: bool) -> None:
 @port_option
 def api(host: str, port: int) -> None:
     """The HTTP API under gunicorn (this process becomes gunicorn)."""
-    _load_settings()
+    settings, _regions = _load_settings()
+    open_configured_store(settings.database_url).close()  # one line if it cannot open
     env = {**os.environ, "HOST": host, "PORT": str(port)}
     os.execvpe(API_ARGV[0], API_ARGV, env)
 
@@ -106,7 +133,6 @@ def worker() -> None:
 def run_worker() -> int:
     """Claim, call and record until a signal; then stop gracefully. Returns the exit code."""
     from .. import observability
-    from .store import open_store
     from .worker import Dispatcher, WorkerConfig
 
     settings, regions = _load_settings()
@@ -119,7 +145,7 @@ def run_worker() -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    store = open_store(settings.database_url)
+    store = open_configured_store(settings.database_url)
     try:
         Dispatcher(store, regions, WorkerConfig.from_settings(settings)).run(stop)
     finally:
@@ -134,9 +160,7 @@ def run_both(host: str, port: int, no_api: bool) -> int:
     if no_api:
         return run_worker()
     settings, _regions = _load_settings()
-    from .store import open_store
-
-    open_store(settings.database_url).close()  # migrate once, before either child starts
+    open_configured_store(settings.database_url).close()  # migrate once, before the children
     env = dict(os.environ)
     own_metrics = None
     if not env.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -24,6 +24,12 @@ from ..config import (
 class DispatcherSettings(CommonSettings):
     """The dispatcher's settings (API and region workers read the same ones)."""
 
+    @property
+    def log_region(self) -> str | None:
+        """None: a dispatcher serves many regions, so ES_REGION (an executor's identity,
+        "local" by default) would mislabel its lines; a worker's lines carry their region."""
+        return None
+
     # Dispatcher: the store and the regions it fans out to.
     database_url: str = field(
         default="sqlite:///executor-service.db", metadata={"env": "ES_DATABASE_URL"}

@@ -70,7 +70,11 @@ class Catalog:
             try:
                 text = path.read_text()
             except OSError as exc:
-                raise ConfigError(f"ES_CATALOG={path}: cannot read: {exc}") from None
+                raise ConfigError(
+                    f"ES_CATALOG={path}: cannot read it ({exc.strerror or exc}): set ES_CATALOG "
+                    "to a model catalog TOML (README: Model catalog), or unset ES_CATALOG to "
+                    "serve the packaged catalog"
+                ) from None
             source = str(path)
         try:
             data = tomllib.loads(text)

@@ -22,6 +22,11 @@ from ..gunicorn_common import GUNICORN_TIMEOUT_DEFAULT, env_int
 class ExecutorSettings(CommonSettings):
     """The executor's settings."""
 
+    @property
+    def log_region(self) -> str | None:
+        """ES_REGION: an executor serves one region, and says so in every line."""
+        return self.region
+
     # Model catalog (TOML); None means the catalog shipped in the package.
     catalog_path: Path | None = field(
         default=None, metadata={"env": "ES_CATALOG", "parse": _optional_path}

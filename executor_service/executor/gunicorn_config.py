@@ -5,7 +5,8 @@ be overridden from the environment.
     PORT (8000), HOST (0.0.0.0), WEB_CONCURRENCY (workers, 4), GUNICORN_THREADS (2),
     GUNICORN_WORKER_CLASS (gthread | gevent),
     GUNICORN_WORKER_CONNECTIONS (gthread: the thread count; gevent: 1000),
-    GUNICORN_TIMEOUT (60), GUNICORN_GRACEFUL_TIMEOUT (30), GUNICORN_KEEPALIVE (5),
+    GUNICORN_TIMEOUT (60), GUNICORN_GRACEFUL_TIMEOUT (30),
+    GUNICORN_KEEPALIVE (5; 0 under gthread when a worker accepts only its threads),
     GUNICORN_MAX_REQUESTS (1000), GUNICORN_MAX_REQUESTS_JITTER (100), GUNICORN_BACKLOG (2048),
     GUNICORN_ACCESSLOG ("-" = stdout; "" turns it off), GUNICORN_LOGLEVEL (info).
 
@@ -41,7 +42,12 @@ worker_connections = _int(
 )
 timeout = _int("GUNICORN_TIMEOUT", GUNICORN_TIMEOUT_DEFAULT)
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
-keepalive = _int("GUNICORN_KEEPALIVE", 5)
+# gthread keeps idle connections alive only in the connections beyond its threads; with
+# none beyond (the default above) keep-alive is off, said as 0 so that gunicorn does not
+# warn "No keepalived connections can be handled" at every start.
+keepalive = _int(
+    "GUNICORN_KEEPALIVE", 0 if worker_class == "gthread" and worker_connections <= threads else 5
+)
 max_requests = _int("GUNICORN_MAX_REQUESTS", 1000)
 max_requests_jitter = _int("GUNICORN_MAX_REQUESTS_JITTER", 100)
 backlog = _int("GUNICORN_BACKLOG", 2048)
@@ -70,17 +76,22 @@ _METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def on_starting(server: Any) -> None:
-    """Start from empty metric files and refuse an open, non-loopback bind."""
+    """Start from empty metric files; refuse an open, non-loopback bind or a catalog that
+    cannot be read, with one line naming the variable."""
     if os.path.isdir(_METRICS_DIR):
         for name in os.listdir(_METRICS_DIR):
             os.remove(os.path.join(_METRICS_DIR, name))
     from executor_service.auth import KeyRing, check_open_bind
     from executor_service.config import ConfigError
+    from executor_service.executor.catalog import Catalog
     from executor_service.executor.config import ExecutorSettings
 
     try:
         settings = ExecutorSettings.from_env()
         check_open_bind(server.cfg.bind, KeyRing.from_settings(settings), settings.allow_open)
+        # Read the catalog here, once: in the workers a bad one is a traceback per worker
+        # and "Worker failed to boot" (the models themselves load in post_worker_init).
+        Catalog.load(settings.catalog_path)
     except ConfigError as exc:
         server.log.error("configuration error: %s", exc)
         sys.exit(1)

@@ -282,7 +282,8 @@ def test_unset_region_key_stops_the_start_before_any_migration(tmp_path: Path) -
 
     key_env = "FC_REGION_KEY_THAT_IS_NOT_SET"
     with postgres_database() as url:
-        env = user_env(ES_REGIONS_FILE=str(regions_file(tmp_path, key_env)), ES_DATABASE_URL=url)
+        short = "postgres://" + url.split("://", 1)[1]  # the scheme the issue was hit with
+        env = user_env(ES_REGIONS_FILE=str(regions_file(tmp_path, key_env)), ES_DATABASE_URL=short)
         env.pop(key_env, None)
         argv = [str(CLI), "dispatcher", "--port", str(free_port())]
         code, lines = start_fails(tmp_path, argv, env)
