@@ -87,10 +87,10 @@ def print_status(job: Mapping[str, Any], console: Any) -> None:
     from rich.table import Table
 
     table = Table(title=f"job {job['id']} ({job['state']})")
-    table.add_column("region")
+    table.add_column("region", overflow="fold")
     for name in STATE_COLUMNS:
-        table.add_column(name, justify="right")
-    table.add_column("total", justify="right")
+        table.add_column(name, justify="right", overflow="fold")
+    table.add_column("total", justify="right", overflow="fold")
     for region, states in sorted(job["counts"].items()):
         table.add_row(
             region,
@@ -107,30 +107,27 @@ def print_status(job: Mapping[str, Any], console: Any) -> None:
     )
 
 
-def _clip(text: str | None, width: int) -> str:
-    text = (text or "").replace("\n", " ").strip()
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def print_results_table(results: Mapping[str, Any], console: Any) -> None:
     from rich.table import Table
 
-    table = Table(title=f"job {results['job_id']} ({results['state']})")
+    # Every answer in full: cells wrap, and a word too long for its column folds onto the
+    # next line instead of ending in an ellipsis (json and csv give the raw text).
+    table = Table(title=f"job {results['job_id']} ({results['state']})", show_lines=True)
     for name in ("#", "question", "model", "region", "ran in", "state", "tries", "answer / error"):
-        table.add_column(name)
+        table.add_column(name, overflow="fold", ratio=4 if name == "answer / error" else None)
     for e in results["executions"]:
         answer = e["output"]
         if answer is None and e.get("last_error"):
             answer = f"{e['last_error'].get('code')}: {e['last_error'].get('message')}"
         table.add_row(
             str(e["question_index"]),
-            _clip(e["question"], 40),
+            e["question"],
             e["model"],
             e["requested_region"],
             e["executed_region"] or "",
             e["state"],
             str(e["attempts"]),
-            _clip(answer, 80),
+            " ".join((answer or "").split()),
         )
     console.print(table)
 

@@ -3,9 +3,11 @@
 Starts three executors as the regions us-east, eu-west and asia-pacific (real
 gunicorn processes on free loopback ports, each 1 worker x 2 threads to fit
 two cores) serving the embedded SmolLM2 model, writes a regions file, starts
-the dispatcher on SQLite in a temporary directory, submits one job of short
-questions to every region, shows live progress per region, prints the answers
-side by side, and shuts everything down with SIGTERM.
+the dispatcher on SQLite, submits one job of short questions to every region,
+shows live progress per region, prints every answer in full side by side, and
+shuts everything down with SIGTERM. The store (``--store-dir``, by default
+``$XDG_STATE_HOME/executor-service/demo``) is kept: the demo ends by printing the
+commands that show the job again (``dispatcher api``, then ``status`` and ``results``).
 
 ``--simulated`` swaps the model for the simulated provider (a different
 latency and answer per region) for a fast run in tests; it is never the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -52,7 +55,12 @@ START_TIMEOUT_S = 120.0
 MAX_TOKENS = 48
 # Simulated latencies per region (min, max) seconds: visibly different progress bars.
 SIMULATED_LATENCY = {"us-east": (0.1, 0.2), "eu-west": (0.2, 0.4), "asia-pacific": (0.3, 0.6)}
-CELL_WIDTH = 60
+
+
+def default_store_dir() -> Path:
+    """Where the demo keeps its store between runs: the user's state directory (XDG)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "executor-service" / "demo"
 
 
 def _free_port() -> int:
@@ -175,11 +183,11 @@ def start_executor(region: str, tmp: Path, model: str, simulated: bool) -> Child
     return _spawn(f"executor-{region}", argv, env, tmp, f"http://127.0.0.1:{port}")
 
 
-def start_dispatcher(tmp: Path, regions_file: Path) -> Child:
+def start_dispatcher(tmp: Path, regions_file: Path, database: Path) -> Child:
     port = _free_port()
     env = {
         **_clean_env(),
-        "ES_DATABASE_URL": f"sqlite:///{tmp / 'dispatcher.db'}",
+        "ES_DATABASE_URL": f"sqlite:///{database}",
         "ES_REGIONS_FILE": str(regions_file),
         "ES_LOG_LEVEL": "warning",
         # A demo on a laptop: recover quickly if something is killed, back off briefly.
@@ -194,7 +202,8 @@ def start_dispatcher(tmp: Path, regions_file: Path) -> Child:
 def print_side_by_side(
     results: Mapping[str, Any], console: Any, regions: list[str] | None = None
 ) -> None:
-    """One row per question, one column per region: the answers side by side."""
+    """One row per question, one column per region: every answer in full, wrapped (never
+    cut: a long word folds onto the next line instead of ending in an ellipsis)."""
     from rich.table import Table
 
     seen = list(dict.fromkeys(e["requested_region"] for e in results["executions"]))
@@ -206,40 +215,73 @@ def print_side_by_side(
     for e in results["executions"]:
         questions[e["question_index"]] = e["question"]
         if e["state"] == "succeeded":
-            text = (e["output"] or "").strip().replace("\n", " ")
+            text = " ".join((e["output"] or "").split())
+            if e.get("finish_reason") == "length":
+                text += " [stopped at the token limit]"
         else:
             err = e.get("last_error") or {}
             text = f"[{e['state']}] {err.get('code', '')}"
-        if len(text) > CELL_WIDTH * 3:
-            text = text[: CELL_WIDTH * 3 - 1] + "…"
         cells[(e["question_index"], e["requested_region"])] = text
     table = Table(title="answers by region", show_lines=True)
-    table.add_column("question", max_width=30)
+    table.add_column("question", overflow="fold", ratio=2)
     for region in regions:
-        table.add_column(region, max_width=CELL_WIDTH)
+        table.add_column(region, overflow="fold", ratio=3)
     for index in sorted(questions):
         table.add_row(questions[index], *(cells.get((index, r), "") for r in regions))
     console.print(table)
 
 
-def run_demo(model: str, simulated: bool, questions: int, max_tokens: int) -> int:
+def _command(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def how_to_look_again(store_dir: Path, job_id: str) -> list[str]:
+    """The commands that show the job after the demo: the API on the kept store (it
+    calls no executor), then ``status`` and ``results`` against it (ES_DISPATCHER_URL's
+    default, port 8100)."""
+    found = shutil.which("executor-service")
+    here = Path(sys.executable).parent / "executor-service"
+    cli = found if found and Path(found).resolve() == here.resolve() else str(here)
+    if Path(cli).is_absolute() and Path(cli).is_relative_to(Path.cwd()):
+        cli = str(Path(cli).relative_to(Path.cwd()))
+    database = shlex.quote(f"sqlite:///{store_dir / 'dispatcher.db'}")
+    regions = shlex.quote(str(store_dir / "regions.toml"))
+    api = f"ES_DATABASE_URL={database} ES_REGIONS_FILE={regions}"
+    return [
+        f"{api} {_command([cli, 'dispatcher', 'api'])} &",
+        _command([cli, "status", job_id]),
+        _command([cli, "results", job_id, "--format", "table"]),
+        "kill %1   # stops the API",
+    ]
+
+
+def run_demo(
+    model: str, simulated: bool, questions: int, max_tokens: int, store_dir: Path | None = None
+) -> int:
     from rich.console import Console
 
-    console = Console()
+    # Status lines are never wrapped (soft_wrap): a log or a pipe gets them whole.
+    console = Console(soft_wrap=True)
+    table_console = Console()
+    store_dir = (store_dir or default_store_dir()).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="executor-service-demo-"))
     children: list[Child] = []
     kind = "simulated" if simulated else "embedded"
+    job_id = ""
     try:
+        store_dir.mkdir(parents=True, exist_ok=True)
         console.print(f"starting 3 executors ({kind} model {model}): {', '.join(REGIONS)}")
         executors = {r: start_executor(r, tmp, model, simulated) for r in REGIONS}
         children += executors.values()
         deadline = time.monotonic() + START_TIMEOUT_S
         for child in executors.values():
             _wait_ready(child, "/ready", deadline)
-        regions_file = tmp / "regions.toml"
+        # Kept with the store: the API that shows the job later needs the regions' names.
+        regions_file = store_dir / "regions.toml"
         regions_file.write_text(regions_toml(executors, model))
-        console.print("starting the dispatcher (SQLite) ...")
-        dispatcher = start_dispatcher(tmp, regions_file)
+        database = store_dir / "dispatcher.db"
+        console.print(f"starting the dispatcher (SQLite: {database}) ...")
+        dispatcher = start_dispatcher(tmp, regions_file, database)
         children.append(dispatcher)
         _wait_ready(dispatcher, "/health", time.monotonic() + START_TIMEOUT_S)
         api = DispatcherAPI(dispatcher.url)
@@ -254,14 +296,16 @@ def run_demo(model: str, simulated: bool, questions: int, max_tokens: int) -> in
                 "params": {"max_tokens": max_tokens, "temperature": 0.0, "seed": 42},
             }
         )
-        console.print(f"job {job['id']}: {len(asked)} questions x 3 regions")
+        job_id = job["id"]
+        console.print(f"job {job_id}: {len(asked)} questions x 3 regions")
         started = time.monotonic()
-        job = follow_job(api, job["id"], console)
+        job = follow_job(api, job_id, console)
         elapsed = time.monotonic() - started
-        print_side_by_side(api.results(job["id"]), console, list(REGIONS))
+        print_side_by_side(api.results(job_id), table_console, list(REGIONS))
         states = job["states"]
         console.print(
             f"{states.get('succeeded', 0)}/{job['total']} answered in {elapsed:.1f} s"
+            f" (answers of at most {max_tokens} tokens: --max-tokens)"
             + (f", {states['dead']} failed" if states.get("dead") else "")
         )
         return 0
@@ -276,7 +320,11 @@ def run_demo(model: str, simulated: bool, questions: int, max_tokens: int) -> in
         # The dispatcher first, so no call is cut off by an executor going away.
         for child in reversed(children):
             child.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # logs and metrics; the store is kept
+        if job_id:
+            console.print(f"The job is kept in {store_dir / 'dispatcher.db'}. To look at it again:")
+            for line in how_to_look_again(store_dir, job_id):
+                console.print(f"  {line}", markup=False, highlight=False)
 
 
 @click.command("demo")
@@ -286,6 +334,14 @@ def run_demo(model: str, simulated: bool, questions: int, max_tokens: int) -> in
 )
 @click.option("--questions", type=click.IntRange(1, len(QUESTIONS)), default=len(QUESTIONS))
 @click.option("--max-tokens", type=int, default=MAX_TOKENS, show_default=True)
-def demo(model: str, simulated: bool, questions: int, max_tokens: int) -> None:
+@click.option(
+    "--store-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="where the job's store is kept [default: $XDG_STATE_HOME/executor-service/demo]",
+)
+def demo(
+    model: str, simulated: bool, questions: int, max_tokens: int, store_dir: Path | None
+) -> None:
     """Three local regions, a dispatcher and one job, end to end."""
-    sys.exit(run_demo(model, simulated, questions, max_tokens))
+    sys.exit(run_demo(model, simulated, questions, max_tokens, store_dir))

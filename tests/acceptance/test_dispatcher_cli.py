@@ -144,8 +144,9 @@ def _catalog(tmp: Path, models: dict[str, dict[str, object]]) -> Path:
     return write_catalog(tmp / "catalog.toml", models)
 
 
-def test_demo_simulated_runs_end_to_end() -> None:
-    result = cli("demo", "--simulated", "--model", "sim", timeout=180)
+def test_demo_simulated_runs_end_to_end(tmp_path: Path) -> None:
+    store = str(tmp_path / "demo")  # not the user's state directory
+    result = cli("demo", "--simulated", "--model", "sim", "--store-dir", store, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for region in ("us-east", "eu-west", "asia-pacific"):

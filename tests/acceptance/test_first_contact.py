@@ -319,3 +319,89 @@ def test_dispatcher_metrics_and_logs_are_its_own(tmp_path: Path) -> None:
     records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert records, log
     assert [r for r in records if r.get("region") == "local"] == []
+
+
+# -- make demo: every answer in full, and the job kept where the user can look again ----
+def table_rows(output: str) -> list[list[str]]:
+    """The body rows of the rich table in ``output``, each cell's wrapped lines joined."""
+    rows: list[list[str]] = []
+    current: list[list[str]] | None = None
+    for line in output.splitlines():
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            if current is None:
+                current = [[] for _ in cells]
+            for parts, cell in zip(current, cells, strict=True):
+                if cell:
+                    parts.append(cell)
+        elif current is not None:  # a separator or the bottom border ends a row
+            rows.append([" ".join(parts) for parts in current])
+            current = None
+    return rows
+
+
+def test_demo_prints_every_answer_in_full_and_keeps_the_job(tmp_path: Path) -> None:
+    """`executor-service demo --simulated` (the README's fast demo) with its output in a
+    pipe, in a fresh user's home: whole lines, whole answers, and the printed commands
+    that show the job again work after the demo has stopped."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in user_env(HOME=str(home)).items() if k != "XDG_STATE_HOME"}
+    result = subprocess.run(
+        [str(CLI), "demo", "--simulated"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    lines = out.splitlines()
+    regions = ("us-east", "eu-west", "asia-pacific")
+    assert lines[0] == f"starting 3 executors (simulated model smollm2-135m): {', '.join(regions)}"
+    assert "…" not in out
+    rows = table_rows(out)
+    assert len(rows) == 4, out
+    for question, *answers in rows:
+        assert answers == [f"({r}) simulated answer to: {question}" for r in regions]
+    store = home / ".local" / "state" / "executor-service" / "demo"
+    assert f"The job is kept in {store / 'dispatcher.db'}. To look at it again:" in lines
+    job_id = re.search(r"^job ([0-9a-f]{32}): 4 questions x 3 regions$", out, re.M)
+    assert job_id, out
+    commands = [line.strip() for line in lines[lines.index(next(
+        x for x in lines if x.startswith("The job is kept in"))) + 1 :]]  # fmt: skip
+    api_line, status_line, results_line, kill_line = commands
+    assert api_line.endswith(" dispatcher api &") and kill_line.startswith("kill %1")
+    # The API on 127.0.0.1:8100 (ES_DISPATCHER_URL's default), as printed; on a busy
+    # machine another port, given to both sides the documented way.
+    port, extra, client_env = 8100, "", dict(env)
+    if requests_port_busy(8100):
+        port = free_port()
+        extra = f" --port {port}"
+        client_env["ES_DISPATCHER_URL"] = f"http://127.0.0.1:{port}"
+    api = subprocess.Popen(
+        ["bash", "-c", f"exec env {api_line.removesuffix(' &')}{extra}"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok, 60, 0.2)
+        status = subprocess.run(["bash", "-c", status_line], env=client_env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        assert f"job {job_id.group(1)} (finished)" in status.stdout
+        assert "12/12 done (100%)" in status.stdout
+        shown = subprocess.run(["bash", "-c", results_line], env=client_env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert "…" not in shown.stdout
+        # Narrow columns fold long words: compare the text without its line breaks.
+        answers = {"".join(row[-1].split()) for row in table_rows(shown.stdout)}
+        expected = "(eu-west) simulated answer to: Give one synonym for the word happy."
+        assert "".join(expected.split()) in answers
+    finally:
+        api.send_signal(signal.SIGTERM)
+        api.wait(30)
+
+
+def requests_port_busy(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
