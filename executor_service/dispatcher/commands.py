@@ -109,6 +109,7 @@ def print_status(job: Mapping[str, Any], console: Any) -> None:
 
 def print_results_table(results: Mapping[str, Any], console: Any) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     # Every answer in full: cells wrap, and a word too long for its column folds onto the
     # next line instead of ending in an ellipsis (json and csv give the raw text).
@@ -119,7 +120,7 @@ def print_results_table(results: Mapping[str, Any], console: Any) -> None:
         answer = e["output"]
         if answer is None and e.get("last_error"):
             answer = f"{e['last_error'].get('code')}: {e['last_error'].get('message')}"
-        table.add_row(
+        cells = (
             str(e["question_index"]),
             e["question"],
             e["model"],
@@ -129,6 +130,7 @@ def print_results_table(results: Mapping[str, Any], console: Any) -> None:
             str(e["attempts"]),
             " ".join((answer or "").split()),
         )
+        table.add_row(*(Text(cell) for cell in cells))  # text as it is, never rich markup
     console.print(table)
 
 

@@ -205,6 +205,7 @@ def print_side_by_side(
     """One row per question, one column per region: every answer in full, wrapped (never
     cut: a long word folds onto the next line instead of ending in an ellipsis)."""
     from rich.table import Table
+    from rich.text import Text
 
     seen = list(dict.fromkeys(e["requested_region"] for e in results["executions"]))
     regions = [r for r in regions or [] if r in seen] + [
@@ -217,7 +218,7 @@ def print_side_by_side(
         if e["state"] == "succeeded":
             text = " ".join((e["output"] or "").split())
             if e.get("finish_reason") == "length":
-                text += " [stopped at the token limit]"
+                text += " [cut at the token limit]"
         else:
             err = e.get("last_error") or {}
             text = f"[{e['state']}] {err.get('code', '')}"
@@ -227,7 +228,9 @@ def print_side_by_side(
     for region in regions:
         table.add_column(region, overflow="fold", ratio=3)
     for index in sorted(questions):
-        table.add_row(questions[index], *(cells.get((index, r), "") for r in regions))
+        # Text, not markup: "[dead] ..." and a model's own brackets are shown as they are.
+        row = [questions[index], *(cells.get((index, r), "") for r in regions)]
+        table.add_row(*(Text(cell) for cell in row))
     console.print(table)
 
 
