@@ -405,3 +405,16 @@ def requests_port_busy(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_readme_demo_sample_shows_what_it_says() -> None:
+    """The README's demo sample has every question of the demo, and says so."""
+    from executor_service.dispatcher.demo import QUESTIONS
+
+    text = README.read_text()
+    section = text[text.index("### The demo (`make demo`)") :]
+    intro, sample = section.split("```\n", 2)[:2]
+    assert f"all {len(QUESTIONS)} questions" in " ".join(intro.split())
+    rows = table_rows(sample)
+    assert [row[0] for row in rows] == list(QUESTIONS)
+    assert "…" not in sample
