@@ -108,30 +108,34 @@ def print_status(job: Mapping[str, Any], console: Any) -> None:
 
 
 def print_results_table(results: Mapping[str, Any], console: Any) -> None:
+    """Every execution, one small table per question and model (region, state, tries,
+    answer): the answer gets the width and is shown whole, wrapped; a word too long for
+    the column folds onto the next line instead of ending in an ellipsis."""
     from rich.table import Table
     from rich.text import Text
 
-    # Every answer in full: cells wrap, and a word too long for its column folds onto the
-    # next line instead of ending in an ellipsis (json and csv give the raw text).
-    table = Table(title=f"job {results['job_id']} ({results['state']})", show_lines=True)
-    for name in ("#", "question", "model", "region", "ran in", "state", "tries", "answer / error"):
-        table.add_column(name, overflow="fold", ratio=4 if name == "answer / error" else None)
+    console.print(Text(f"job {results['job_id']} ({results['state']})", style="bold"))
+    groups: dict[tuple[int, str], list[Mapping[str, Any]]] = {}
     for e in results["executions"]:
-        answer = e["output"]
-        if answer is None and e.get("last_error"):
-            answer = f"{e['last_error'].get('code')}: {e['last_error'].get('message')}"
-        cells = (
-            str(e["question_index"]),
-            e["question"],
-            e["model"],
-            e["requested_region"],
-            e["executed_region"] or "",
-            e["state"],
-            str(e["attempts"]),
-            " ".join((answer or "").split()),
-        )
-        table.add_row(*(Text(cell) for cell in cells))  # text as it is, never rich markup
-    console.print(table)
+        groups.setdefault((e["question_index"], e["model"]), []).append(e)
+    for (index, model), executions in sorted(groups.items()):
+        # Text, never rich markup: a model's brackets are shown as they are.
+        title = Text(f"#{index} {executions[0]['question']} ({model})")
+        table = Table(title=title, title_justify="left", show_lines=True, expand=True)
+        table.add_column("region", overflow="fold")
+        table.add_column("state", overflow="fold")
+        table.add_column("tries", justify="right")
+        table.add_column("answer / error", overflow="fold", ratio=1)
+        for e in executions:
+            region = e["requested_region"]
+            if e["executed_region"] and e["executed_region"] != region:
+                region += f" (ran in {e['executed_region']})"
+            answer = e["output"]
+            if answer is None and e.get("last_error"):
+                answer = f"{e['last_error'].get('code')}: {e['last_error'].get('message')}"
+            cells = (region, e["state"], str(e["attempts"]), " ".join((answer or "").split()))
+            table.add_row(*(Text(cell) for cell in cells))
+        console.print(table)
 
 
 @click.command()
