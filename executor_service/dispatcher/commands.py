@@ -84,9 +84,13 @@ def follow_job(api: DispatcherAPI, job_id: str, console: Any = None) -> dict[str
 
 
 def print_status(job: Mapping[str, Any], console: Any) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"job {job['id']} ({job['state']})")
+    # No vertical rules, one space each side: eight columns fit 80 characters whole.
+    table = Table(
+        title=f"job {job['id']} ({job['state']})", box=box.SIMPLE_HEAD, collapse_padding=True
+    )
     table.add_column("region", overflow="fold")
     for name in STATE_COLUMNS:
         table.add_column(name, justify="right", overflow="fold")
@@ -133,7 +137,10 @@ def print_results_table(results: Mapping[str, Any], console: Any) -> None:
             answer = e["output"]
             if answer is None and e.get("last_error"):
                 answer = f"{e['last_error'].get('code')}: {e['last_error'].get('message')}"
-            cells = (region, e["state"], str(e["attempts"]), " ".join((answer or "").split()))
+            answer = " ".join((answer or "").split())
+            if e.get("finish_reason") == "length":
+                answer += " [cut at the token limit]"
+            cells = (region, e["state"], str(e["attempts"]), answer)
             table.add_row(*(Text(cell) for cell in cells))
         console.print(table)
 

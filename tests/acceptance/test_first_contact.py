@@ -387,6 +387,10 @@ def test_demo_prints_every_answer_in_full_and_keeps_the_job(tmp_path: Path) -> N
         assert status.returncode == 0, status.stderr
         assert f"job {job_id.group(1)} (finished)" in status.stdout
         assert "12/12 done (100%)" in status.stdout
+        header = next(x for x in status.stdout.splitlines() if "queued" in x).split()
+        assert header == ["region", "queued", "leased", "retry_wait", "succeeded", "dead",
+                          "cancelled", "total"]  # fmt: skip
+        assert "asia-pacific" in status.stdout.split()
         shown = subprocess.run(["bash", "-c", results_line], env=client_env, cwd=tmp_path,
                                capture_output=True, text=True, timeout=60)  # fmt: skip
         assert shown.returncode == 0, shown.stderr
