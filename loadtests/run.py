@@ -245,6 +245,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"starting the dispatcher on {dispatcher.url}", flush=True)
                 dispatcher.start()
                 host, env["LOADTEST_API_KEY"] = dispatcher.url, dispatcher.api_key
+        if server or args.target == "executor":  # an executor says what its model is
+            executor_url = server.url if server else host
+            executor_key = server.api_key if server else api_key
+            args.model_description = model_description(executor_url, executor_key, args.model)
         command = locust_command(args, host, prefix, seconds)
         print(f"locust: {args.users} users for {seconds:g} s against {host}", flush=True)
         try:
@@ -294,13 +298,28 @@ def locust_problems(verdict_file: Path, code: int) -> list[str]:
     return problems
 
 
+def model_description(url: str, key: str, model: str) -> str:
+    """The catalog's description of ``model`` from the executor's GET /models ("" if none)."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        listed = requests.get(url.rstrip("/") + "/models", headers=headers, timeout=10).json()
+        return next(
+            (str(m.get("description") or "") for m in listed["models"] if m["name"] == model), ""
+        )
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return ""  # the report says less, the run goes on
+
+
 def run_facts(
     args: argparse.Namespace, host: str, seconds: float, server: LocalExecutor | None
 ) -> dict[str, list[tuple[str, str]]]:
     """What a reader of the report needs beside the figures: what was loaded, and the bar."""
     loaded = [
         ("target", f"{args.target} at {host}"),
-        ("model", args.model),
+        ("model", f"{args.model} ({args.model_description})"
+                  if getattr(args, "model_description", "") else args.model),
         ("load", f"{args.users} users for {seconds:g} s, think time {args.think_min:g}.."
                  f"{args.think_max:g} s, {args.bad_share:.0%} invalid requests"),
     ]  # fmt: skip

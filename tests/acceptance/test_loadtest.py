@@ -84,7 +84,7 @@ def test_short_load_test_passes_and_reports() -> None:
         banner = html[html.index('<section id="loadtest-verdict"') :]
         banner = banner[: banner.index("</section>")]
         assert "PASSED: every threshold held" in banner
-        assert "sim-fast" in banner
+        assert "sim-fast (simulated, 30..70 ms uniform latency)" in banner
         assert "&lt;= 2000 ms for every request entry" in banner
         assert "ES_MAX_IN_FLIGHT=2 per worker" in banner
         assert (run_dir / f"{name}-gunicorn.log").exists()
