@@ -386,7 +386,7 @@ def test_demo_prints_every_answer_in_full_and_keeps_the_job(tmp_path: Path) -> N
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
         assert status.returncode == 0, status.stderr
         assert f"job {job_id.group(1)} (finished)" in status.stdout
-        assert "12/12 done (100%)" in status.stdout
+        assert "12/12 succeeded (100%)" in status.stdout
         header = next(x for x in status.stdout.splitlines() if "queued" in x).split()
         assert header == ["region", "queued", "leased", "retry_wait", "succeeded", "dead",
                           "cancelled", "total"]  # fmt: skip
