@@ -30,8 +30,9 @@ Concurrency, the part that matters:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -72,6 +73,12 @@ class PostgresStore(SQLStore[Cursor]):
             psycopg.connect(conninfo, connect_timeout=max(1, int(open_timeout_s))).close()
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to the PostgreSQL store: {exc}") from exc
+        self._conninfo = conninfo
+        self._connect_timeout = max(1, int(open_timeout_s))
+        # claim loops' own connections (one per claiming thread), see _claim_transaction
+        self._claim_local = threading.local()
+        self._claim_conns: list[psycopg.Connection[DictRow]] = []
+        self._claim_conns_lock = threading.Lock()
         self._pool: ConnectionPool[Any] = ConnectionPool(
             conninfo,
             min_size=min_size,
@@ -114,6 +121,43 @@ class PostgresStore(SQLStore[Cursor]):
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL store: {exc}") from exc
 
+    @contextmanager
+    def _claim_transaction(self) -> Iterator[Cursor]:
+        """A claim's transaction on the claiming thread's own connection, kept open
+        between claims: a region's claim loop never waits for a pooled connection
+        behind the call threads' result writes and the heartbeat, and skips the pool's
+        check-out and reset on every claim. The connection is dropped on any error
+        (the next claim opens a fresh one), and closed with the store."""
+        conn: psycopg.Connection[DictRow] | None = getattr(self._claim_local, "conn", None)
+        try:
+            if conn is None or conn.closed:
+                conn = psycopg.connect(
+                    self._conninfo,
+                    autocommit=False,
+                    row_factory=dict_row,
+                    connect_timeout=self._connect_timeout,
+                )
+                self._claim_local.conn = conn
+                with self._claim_conns_lock:
+                    self._claim_conns.append(conn)
+            try:
+                with conn.cursor() as cur:
+                    yield cur
+                conn.commit()
+            except BaseException:
+                self._drop_claim_conn(conn)
+                raise
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL store: {exc}") from exc
+
+    def _drop_claim_conn(self, conn: psycopg.Connection[DictRow]) -> None:
+        with suppress(psycopg.Error):
+            conn.close()  # an open transaction is rolled back by the server
+        self._claim_local.conn = None
+        with self._claim_conns_lock:
+            if conn in self._claim_conns:
+                self._claim_conns.remove(conn)
+
     # -- lifecycle ------------------------------------------------------------
     def migrate(self) -> None:
         with self._transaction() as cur:
@@ -136,6 +180,11 @@ class PostgresStore(SQLStore[Cursor]):
                 )
 
     def close(self) -> None:
+        with self._claim_conns_lock:
+            conns, self._claim_conns = self._claim_conns, []
+        for conn in conns:
+            with suppress(psycopg.Error):
+                conn.close()
         self._pool.close()
 
     # -- jobs -----------------------------------------------------------------
@@ -164,7 +213,7 @@ class PostgresStore(SQLStore[Cursor]):
         if request.empty:
             return Claims()
         args = {**self._claim_args(request), "namespace": _LOCK_NAMESPACE}
-        with self._transaction() as cur:
+        with self._claim_transaction() as cur:
             cur.execute(Q["lock_region"], args)
             row = cur.execute(Q["count_leased"], args).fetchone()
             free = min(request.limit, request.region.concurrency - (row["n"] if row else 0))

@@ -29,6 +29,7 @@ heartbeat (one statement against a loop), migrations and connection handling.
 from __future__ import annotations
 
 import logging
+import threading
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -47,7 +48,10 @@ from executor_service.dispatcher.store.base import (
     RegionSpec,
     Store,
 )
+from executor_service.dispatcher.store.group_commit import GroupCommit
 from executor_service.dispatcher.store.sql_workbench import SQLWorkbenchOps
+
+_GROUP_COMMIT_INIT = threading.Lock()
 
 
 class SQLResult(Protocol):
@@ -125,6 +129,23 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
         """Claim step 2: up to ``n`` of the region's own due retries (``args`` are the
         claim's parameters), not in ``taken``, in claim order; a store whose
         claimers run concurrently locks each one it returns."""
+
+    def _result_transaction(self) -> AbstractContextManager[DB]:
+        """The transaction a batch of result writes shares (``group_commit.py``). A store
+        may relax its durability here where that is safe (SQLite: synchronous=NORMAL
+        under WAL, see sqlite.py); by default the ordinary write transaction."""
+        return self._transaction(write=True)
+
+    @property
+    def results(self) -> GroupCommit[DB]:
+        """The group commit of result writes (complete, fail): made at first use."""
+        group: GroupCommit[DB] | None = self.__dict__.get("_group_commit")
+        if group is None:
+            with _GROUP_COMMIT_INIT:
+                group = self.__dict__.setdefault(
+                    "_group_commit", GroupCommit(self._result_transaction)
+                )
+        return group
 
     @property
     def _logger(self) -> logging.Logger:
@@ -212,8 +233,10 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
             "result": self._dumps(result),
             "now": now,
         }
-        with self._transaction(write=True) as db:
-            return self._finish_attempt(db, "complete", args, started_at, error=None)
+        # Group commit: written in one transaction with the other results finishing now.
+        return self.results.run(
+            lambda db: self._finish_attempt(db, "complete", args, started_at, error=None)
+        )
 
     def _finish_attempt(
         self, db: DB, query: str, args: dict[str, Any], started_at: float, error: Any
@@ -246,14 +269,7 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
         started_at: float,
         retry_at: float | None,
     ) -> bool:
-        lease = {"id": execution_id, "token": token}
-        with self._transaction(write=True) as db:
-            row = db.execute(self.queries["lease_of"], lease).fetchone()
-            if row is None:
-                return False
-            to = rules.after_failure(retry_at, bool(row["cancelled"]), now)
-            args = {**lease, **self._transition(to), "error": self._dumps(error), "now": now}
-            return self._finish_attempt(db, "fail", args, started_at, error=self._dumps(error))
+        return self._failed("fail", execution_id, token, error, now, started_at, retry_at)
 
     def defer(
         self,
@@ -264,14 +280,31 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
         started_at: float,
         retry_at: float | None,
     ) -> bool:
+        return self._failed("defer", execution_id, token, error, now, started_at, retry_at)
+
+    def _failed(
+        self,
+        query: str,
+        execution_id: int,
+        token: str,
+        error: dict[str, Any],
+        now: float,
+        started_at: float,
+        retry_at: float | None,
+    ) -> bool:
+        """fail and defer: the named ``query`` (fenced) and the attempt it ended, in a
+        group commit with the other results finishing now (as complete)."""
         lease = {"id": execution_id, "token": token}
-        with self._transaction(write=True) as db:
+
+        def write(db: DB) -> bool:
             row = db.execute(self.queries["lease_of"], lease).fetchone()
             if row is None:
                 return False
             to = rules.after_failure(retry_at, bool(row["cancelled"]), now)
             args = {**lease, **self._transition(to), "error": self._dumps(error), "now": now}
-            return self._finish_attempt(db, "defer", args, started_at, error=self._dumps(error))
+            return self._finish_attempt(db, query, args, started_at, error=self._dumps(error))
+
+        return self.results.run(write)
 
     def release(self, execution_id: int, token: str, now: float) -> bool:
         lease = {"id": execution_id, "token": token}
