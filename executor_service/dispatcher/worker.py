@@ -5,7 +5,9 @@ Each region claims only for its own free slots and runs calls on its own pool of
 ``concurrency`` threads, so a slow or broken region never holds up another. A region's
 loop wakes on a short poll interval (work submitted through the API, or by another
 process), immediately when one of its calls finishes (a slot is free), and when a retry
-scheduled by this process becomes due (and again after its hand-off delay). While a
+scheduled by this process becomes due (and again after its hand-off delay). Where the
+store can tell it (PostgreSQL LISTEN/NOTIFY, ``Store.subscribe``), work another process
+makes due - a job, a retry, a released or reaped lease - wakes it when due, too. While a
 (region, model)'s circuit (circuit.py) is open, its queued failover-any work goes to the
 other regions. Backpressure is not failure: what a finished call does is recording.py's
 (pacing.py's rules). The heartbeat extends the leases of calls in flight; the reaper
@@ -44,7 +46,7 @@ from .regions import Region, Regions
 from .rules import ClaimRequest
 from .runtime import DaemonPool, Pool, ThreadWakeup, Wakeup
 from .scheduler import BackoffPolicy, Clock, RetryScheduler
-from .store.base import Claim, Store, StoreError
+from .store.base import Claim, Store, StoreError, Subscription
 
 logger = logging.getLogger(__name__)
 
@@ -378,10 +380,12 @@ class Dispatcher:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
+        self._subscription: Subscription | None = None
 
     def _retry_scheduled(self, when: float) -> None:
         # Any region may take the retry (failover): wake them all when it is due, and when
-        # the hand-off lets the region it failed in take it back.
+        # the hand-off lets the region it failed in take it back. The store's notices of
+        # work due (any kind, any process) come here too: the same two wake-ups.
         for worker in self.workers.values():
             worker.wake_at(when)
             worker.wake_at(when + self.config.retry_handoff_s)
@@ -392,6 +396,10 @@ class Dispatcher:
         self._started = True
         for worker in self.workers.values():
             worker.start()
+        # Work another process makes due (a job, a retry, a released lease) wakes the
+        # regions then, where the store can tell us (PostgreSQL LISTEN/NOTIFY); else
+        # they see it at their next poll.
+        self._subscription = self.store.subscribe(self._retry_scheduled)
         loops = (
             (self._heartbeat, "heartbeat"),
             (self._reaper, "reaper"),
@@ -478,6 +486,9 @@ class Dispatcher:
             worker.stop_claiming()
         for worker in self.workers.values():
             worker.join_loop(timeout=10)
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
         deadline = time.monotonic() + grace
         for worker in self.workers.values():
             worker.wait_idle(deadline)

@@ -16,8 +16,8 @@ drive time without sleeping.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from executor_service.dispatcher.store.models import (
     Attempt,
@@ -57,6 +57,7 @@ __all__ = [  # the records are defined in models.py
     "State",
     "Store",
     "StoreError",
+    "Subscription",
 ]
 
 
@@ -68,8 +69,23 @@ class IdempotencyConflict(StoreError):
     """The idempotency key was used before with a different request body."""
 
 
+class Subscription(Protocol):
+    """A running ``Store.subscribe``: ``close`` stops it."""
+
+    def close(self) -> None: ...
+
+
 class Store(ABC):
     """Operations are atomic; each says what it guarantees under concurrency."""
+
+    def subscribe(self, on_due: Callable[[float], None]) -> Subscription | None:
+        """Hear, across processes, that work becomes claimable at a time: ``on_due(at)``
+        is called (from a thread of the store's) after another process - or this one -
+        committed a job, a retry due at ``at``, a released or reaped lease, diverted
+        work; and with ``at`` = 0 (due already) when notices may have been missed (the
+        listening connection was lost). None: this store cannot, its claimers poll
+        (memory: one process; SQLite: no server to notify through)."""
+        return None
 
     @abstractmethod
     def migrate(self) -> None:

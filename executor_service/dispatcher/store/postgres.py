@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -44,6 +44,7 @@ from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
 from executor_service.dispatcher.store.base import NewJob, StoreError
 from executor_service.dispatcher.store.models import Claims
+from executor_service.dispatcher.store.pg_notify import NOTIFY_SQL, DueListener, payload
 from executor_service.dispatcher.store.sql_files import load_migrations, load_queries
 from executor_service.dispatcher.store.sql_store import SQLStore
 
@@ -79,6 +80,7 @@ class PostgresStore(SQLStore[Cursor]):
         self._claim_local = threading.local()
         self._claim_conns: list[psycopg.Connection[DictRow]] = []
         self._claim_conns_lock = threading.Lock()
+        self._listeners: list[DueListener] = []
         self._pool: ConnectionPool[Any] = ConnectionPool(
             conninfo,
             min_size=min_size,
@@ -158,6 +160,18 @@ class PostgresStore(SQLStore[Cursor]):
             if conn in self._claim_conns:
                 self._claim_conns.remove(conn)
 
+    # -- wake-ups across processes (pg_notify.py) --------------------------------
+    def _announce(self, cur: Cursor, due_at: float) -> None:
+        """NOTIFY the other dispatcher processes on commit: work is due at ``due_at``."""
+        cur.execute(NOTIFY_SQL, {"due_at": payload(due_at)})
+
+    def subscribe(self, on_due: Callable[[float], None]) -> DueListener:
+        """LISTEN on a connection of its own, in a thread, until the listener is closed."""
+        listener = DueListener(self._conninfo, on_due, self._connect_timeout)
+        with self._claim_conns_lock:
+            self._listeners.append(listener)
+        return listener
+
     # -- lifecycle ------------------------------------------------------------
     def migrate(self) -> None:
         with self._transaction() as cur:
@@ -182,6 +196,9 @@ class PostgresStore(SQLStore[Cursor]):
     def close(self) -> None:
         with self._claim_conns_lock:
             conns, self._claim_conns = self._claim_conns, []
+            listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.close()
         for conn in conns:
             with suppress(psycopg.Error):
                 conn.close()

@@ -130,6 +130,12 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
         claim's parameters), not in ``taken``, in claim order; a store whose
         claimers run concurrently locks each one it returns."""
 
+    def _announce(self, db: DB, due_at: float) -> None:
+        """Work becomes claimable at ``due_at`` (a job created, a retry scheduled, a lease
+        released or reaped, queued work diverted): tell the other dispatcher processes,
+        when ``db``'s transaction commits, so an idle region wakes then rather than at
+        its next poll (``Store.subscribe``). By default nothing: the others poll."""
+
     def _result_transaction(self) -> AbstractContextManager[DB]:
         """The transaction a batch of result writes shares (``group_commit.py``). A store
         may relax its durability here where that is safe (SQLite: synchronous=NORMAL
@@ -176,6 +182,7 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
                     )
                 return records.job_from_row(row, self._loads), False
             self._insert_executions(db, records.execution_rows(job, row["id"], now, self._dumps))
+            self._announce(db, now)
         self._logger.info("job created", extra={"job_id": row["id"], "tenant": job.tenant})
         return records.job_from_row(row, self._loads), True
 
@@ -302,7 +309,10 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
                 return False
             to = rules.after_failure(retry_at, bool(row["cancelled"]), now)
             args = {**lease, **self._transition(to), "error": self._dumps(error), "now": now}
-            return self._finish_attempt(db, query, args, started_at, error=self._dumps(error))
+            written = self._finish_attempt(db, query, args, started_at, error=self._dumps(error))
+            if written and to.due_at is not None:
+                self._announce(db, to.due_at)  # a retry (or a deferred call) falls due then
+            return written
 
         return self.results.run(write)
 
@@ -316,7 +326,10 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
                 row["claimed_from"], bool(row["cancelled"]), row["last_region"], now
             )
             args = {**lease, **self._transition(to), "executed_region": to.executed_region}
-            return bool(db.execute(self.queries["release"], args).rowcount)
+            released = bool(db.execute(self.queries["release"], args).rowcount)
+            if released and to.due_at is not None:
+                self._announce(db, to.due_at)
+            return released
 
     def reap_expired(self, now: float, max_backoff_s: float = 0.0) -> int:
         error = self._dumps(rules.LEASE_EXPIRED_ERROR)
@@ -342,6 +355,8 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
                     "error": error,
                 }
                 db.execute(self.queries["insert_attempt"], attempt)
+            if expired:
+                self._announce(db, now)
         if expired:
             self._logger.warning("reaped %d expired leases", len(expired))
         return len(expired)
@@ -453,6 +468,8 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
         with self._transaction(write=True) as db:
             args = {"region": region, "now": now, "model": model}
             moved = db.execute(self.queries["divert_queued"], args).rowcount
+            if moved:
+                self._announce(db, now)
         if moved:
             self._logger.info("diverted %d queued executions away from region %s", moved, region)
         return moved
