@@ -262,6 +262,9 @@ def dispatcher_run(
         "claim_loop_busy": delta("dispatcher_claim_seconds_sum") / (tb - ta),
         # one call as the dispatcher's client saw it (HTTP round trip only)
         "call_ms": 1000 * delta("dispatcher_call_seconds_sum") / calls,
+        # group commit: results written per result transaction
+        "results_per_commit": delta("dispatcher_result_writes_total")
+        / max(delta("dispatcher_result_commits_total"), 1.0),
         # a slot's whole cycle per execution: slots / rate
         "slot_cycle_ms": 1000 * args.concurrency / max((db - da) / (tb - ta), 1e-9),
         "job_total": job["total"],
@@ -283,7 +286,7 @@ def describe_dispatcher(r: dict[str, Any]) -> str:
         f"{r['claimed_per_claim']:.2f} executions, {r['claim_ms']:.2f} ms each "
         f"(loop busy {r['claim_loop_busy']:.0%}); one slot's cycle "
         f"{r['slot_cycle_ms']:.1f} ms per execution, of which the HTTP call "
-        f"{r['call_ms']:.1f} ms"
+        f"{r['call_ms']:.1f} ms; {r['results_per_commit']:.1f} results per result commit"
         + ("; JOB FINISHED EARLY (rate over a shorter window)" if r["finished_early"] else "")
     )
 

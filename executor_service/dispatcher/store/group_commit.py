@@ -60,9 +60,13 @@ class GroupCommit(Generic[DB]):
         self,
         transaction: Callable[[], AbstractContextManager[DB]],
         max_batch: int = MAX_BATCH,
+        on_commit: Callable[[int], None] = lambda _n: None,
     ) -> None:
+        """``on_commit(n)`` is told of every transaction run and how many writes it held
+        (the dispatcher's metrics)."""
         self._transaction = transaction
         self._max_batch = max_batch
+        self._on_commit = on_commit
         self._cond = threading.Condition()
         self._queue: list[_Pending[DB]] = []
         self._leading = False
@@ -114,12 +118,15 @@ class GroupCommit(Generic[DB]):
                         pending.value = pending.op(db)
                 except BaseException as own:
                     pending.error = own
-            with self._cond:
-                self.batches += len(batch)
-                self.ops += len(batch)
+            self._count(len(batch), len(batch))
             return
         for pending, value in zip(batch, values, strict=True):
             pending.value = value
+        self._count(1, len(batch))
+
+    def _count(self, transactions: int, ops: int) -> None:
         with self._cond:
-            self.batches += 1
-            self.ops += len(batch)
+            self.batches += transactions
+            self.ops += ops
+        for _ in range(transactions):
+            self._on_commit(ops // transactions)

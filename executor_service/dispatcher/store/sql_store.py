@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from executor_service.dispatcher import pacing, rules
+from executor_service.dispatcher import metrics, pacing, rules
 from executor_service.dispatcher.pacing import Pace
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
@@ -52,6 +52,11 @@ from executor_service.dispatcher.store.group_commit import GroupCommit
 from executor_service.dispatcher.store.sql_workbench import SQLWorkbenchOps
 
 _GROUP_COMMIT_INIT = threading.Lock()
+
+
+def _count_commit(writes: int) -> None:
+    metrics.RESULT_COMMITS.inc()
+    metrics.RESULT_WRITES.inc(writes)
 
 
 class SQLResult(Protocol):
@@ -149,7 +154,7 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
         if group is None:
             with _GROUP_COMMIT_INIT:
                 group = self.__dict__.setdefault(
-                    "_group_commit", GroupCommit(self._result_transaction)
+                    "_group_commit", GroupCommit(self._result_transaction, on_commit=_count_commit)
                 )
         return group
 
