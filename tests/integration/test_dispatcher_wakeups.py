@@ -105,6 +105,18 @@ def test_a_commit_in_one_process_is_heard_in_another(two_stores: tuple[Store, St
         assert there.fail(claim.execution_id, claim.token, {"code": "x"}, now, now, retry_at)
         assert got.wait(WAIT_S)
         assert heard[-1] == pytest.approx(retry_at, abs=1e-5)
+        got.clear()
+        # a deferred call (429: backpressure) falls due too; a takes its own retry back
+        # once the hand-off has passed
+        later = retry_at + 1.0
+        (again,) = there.claim(
+            ClaimRequest(REGION_A, limit=1, now=later, lease_s=30.0, worker="w", tenant_batch=10)
+        )
+        deferred_to = later + 3.25
+        assert there.defer(again.execution_id, again.token, {"code": "rate_limited"}, later,
+                           later, deferred_to)  # fmt: skip
+        assert got.wait(WAIT_S)
+        assert heard[-1] == pytest.approx(deferred_to, abs=1e-5)
     finally:
         listener.close()
 
