@@ -16,6 +16,9 @@ transaction is opened, the operation lives here, on top of these hooks:
   ``_expired_leases``: the steps of create_job, claim (step 2), queue_stats and
   reap whose SQL differs in shape, not only in dialect.
 
+The result writes (complete, fail, defer) live in ``sql_results.py`` (``ResultWrites``,
+which this class inherits): group-committed, and announcing work due to other processes.
+
 Every decision is ``rules.py``'s: the claim order (``rules.pick`` over this store's
 ``ClaimQueues``), what a failed, released or reaped lease becomes. fail, release and
 reap read what the rule needs (the job's cancel flag, the queue a lease came from)
@@ -29,13 +32,12 @@ heartbeat (one statement against a loop), migrations and connection handling.
 from __future__ import annotations
 
 import logging
-import threading
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from executor_service.dispatcher import metrics, pacing, rules
+from executor_service.dispatcher import pacing, rules
 from executor_service.dispatcher.pacing import Pace
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
@@ -48,15 +50,8 @@ from executor_service.dispatcher.store.base import (
     RegionSpec,
     Store,
 )
-from executor_service.dispatcher.store.group_commit import GroupCommit
+from executor_service.dispatcher.store.sql_results import ResultWrites
 from executor_service.dispatcher.store.sql_workbench import SQLWorkbenchOps
-
-_GROUP_COMMIT_INIT = threading.Lock()
-
-
-def _count_commit(writes: int) -> None:
-    metrics.RESULT_COMMITS.inc()
-    metrics.RESULT_WRITES.inc(writes)
 
 
 class SQLResult(Protocol):
@@ -81,7 +76,7 @@ class SQLHandle(Protocol):
 DB = TypeVar("DB", bound=SQLHandle)
 
 
-class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
+class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
     """The Store operations common to the SQL stores; ``DB`` is the handle type
     their transactions yield, so each store's hooks get its own handle."""
 
@@ -134,29 +129,6 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
         """Claim step 2: up to ``n`` of the region's own due retries (``args`` are the
         claim's parameters), not in ``taken``, in claim order; a store whose
         claimers run concurrently locks each one it returns."""
-
-    def _announce(self, db: DB, due_at: float) -> None:
-        """Work becomes claimable at ``due_at`` (a job created, a retry scheduled, a lease
-        released or reaped, queued work diverted): tell the other dispatcher processes,
-        when ``db``'s transaction commits, so an idle region wakes then rather than at
-        its next poll (``Store.subscribe``). By default nothing: the others poll."""
-
-    def _result_transaction(self) -> AbstractContextManager[DB]:
-        """The transaction a batch of result writes shares (``group_commit.py``). A store
-        may relax its durability here where that is safe (SQLite: synchronous=NORMAL
-        under WAL, see sqlite.py); by default the ordinary write transaction."""
-        return self._transaction(write=True)
-
-    @property
-    def results(self) -> GroupCommit[DB]:
-        """The group commit of result writes (complete, fail): made at first use."""
-        group: GroupCommit[DB] | None = self.__dict__.get("_group_commit")
-        if group is None:
-            with _GROUP_COMMIT_INIT:
-                group = self.__dict__.setdefault(
-                    "_group_commit", GroupCommit(self._result_transaction, on_commit=_count_commit)
-                )
-        return group
 
     @property
     def _logger(self) -> logging.Logger:
@@ -234,92 +206,6 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
     def _queues(self, db: DB, args: dict[str, Any]) -> rules.ClaimQueues:
         """The claim's candidate queries (rules.ClaimQueues) inside transaction ``db``."""
         return _SQLQueues(self, db, args)
-
-    def complete(
-        self, execution_id: int, token: str, result: dict[str, Any], now: float, started_at: float
-    ) -> bool:
-        args = {
-            "id": execution_id,
-            "token": token,
-            "output": records.output_of(result),
-            "result": self._dumps(result),
-            "now": now,
-        }
-        # Group commit: written in one transaction with the other results finishing now.
-        return self.results.run(
-            lambda db: self._finish_attempt(db, "complete", args, started_at, error=None)
-        )
-
-    def _finish_attempt(
-        self, db: DB, query: str, args: dict[str, Any], started_at: float, error: Any
-    ) -> bool:
-        """Apply a fenced complete/fail/defer (the named ``query``, which returns the
-        call's number, attempts + deferrals, and executed_region), then record the
-        attempt it ended. ``error`` is
-        the failure as a JSON parameter, None for a success."""
-        row = db.execute(self.queries[query], args).fetchone()
-        if row is None:
-            return False
-        attempt = {
-            "id": args["id"],
-            "number": row["call_number"],
-            "region": row["executed_region"],
-            "started_at": started_at,
-            "now": args["now"],
-            "ok": error is None,
-            "error": error,
-        }
-        db.execute(self.queries["insert_attempt"], attempt)
-        return True
-
-    def fail(
-        self,
-        execution_id: int,
-        token: str,
-        error: dict[str, Any],
-        now: float,
-        started_at: float,
-        retry_at: float | None,
-    ) -> bool:
-        return self._failed("fail", execution_id, token, error, now, started_at, retry_at)
-
-    def defer(
-        self,
-        execution_id: int,
-        token: str,
-        error: dict[str, Any],
-        now: float,
-        started_at: float,
-        retry_at: float | None,
-    ) -> bool:
-        return self._failed("defer", execution_id, token, error, now, started_at, retry_at)
-
-    def _failed(
-        self,
-        query: str,
-        execution_id: int,
-        token: str,
-        error: dict[str, Any],
-        now: float,
-        started_at: float,
-        retry_at: float | None,
-    ) -> bool:
-        """fail and defer: the named ``query`` (fenced) and the attempt it ended, in a
-        group commit with the other results finishing now (as complete)."""
-        lease = {"id": execution_id, "token": token}
-
-        def write(db: DB) -> bool:
-            row = db.execute(self.queries["lease_of"], lease).fetchone()
-            if row is None:
-                return False
-            to = rules.after_failure(retry_at, bool(row["cancelled"]), now)
-            args = {**lease, **self._transition(to), "error": self._dumps(error), "now": now}
-            written = self._finish_attempt(db, query, args, started_at, error=self._dumps(error))
-            if written and to.due_at is not None:
-                self._announce(db, to.due_at)  # a retry (or a deferred call) falls due then
-            return written
-
-        return self.results.run(write)
 
     def release(self, execution_id: int, token: str, now: float) -> bool:
         lease = {"id": execution_id, "token": token}
@@ -463,11 +349,6 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
             ended = db.execute(self.queries["expire_executions"], args).rowcount
         self._logger.warning("job deadline passed", extra={"jobs": job_ids[:20], "ended": ended})
         return ended
-
-    @staticmethod
-    def _transition(to: rules.Transition) -> dict[str, Any]:
-        """A rule's answer as the named parameters of fail, release and reap_one."""
-        return {"state": to.state.value, "due_at": to.due_at, "finished_at": to.finished_at}
 
     def divert_queued(self, region: str, now: float, model: str | None = None) -> int:
         with self._transaction(write=True) as db:
