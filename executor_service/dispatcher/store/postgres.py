@@ -57,6 +57,8 @@ _MIGRATION_LOCK = 0  # second key of the migration lock; regions use hashtext(na
 
 Cursor = psycopg.Cursor[DictRow]
 Q = load_queries("postgres")
+#: connect timeout of the claim loops' and the listener's own connections, seconds
+LOOP_CONNECT_TIMEOUT_S = 2
 
 
 class PostgresStore(SQLStore[Cursor]):
@@ -75,7 +77,9 @@ class PostgresStore(SQLStore[Cursor]):
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to the PostgreSQL store: {exc}") from exc
         self._conninfo = conninfo
-        self._connect_timeout = max(1, int(open_timeout_s))
+        # The claim and listen connections are (re)opened while the loops run: a short
+        # timeout, so an unreachable server costs a claim loop seconds, not open_timeout_s.
+        self._connect_timeout = min(max(1, int(open_timeout_s)), LOOP_CONNECT_TIMEOUT_S)
         # claim loops' own connections (one per claiming thread), see _claim_transaction
         self._claim_local = threading.local()
         self._claim_conns: list[psycopg.Connection[DictRow]] = []
