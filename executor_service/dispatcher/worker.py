@@ -5,8 +5,7 @@ Each region claims only for its own free slots and runs calls on its own pool of
 ``concurrency`` threads, so a slow or broken region never holds up another. A region's
 loop wakes on a short poll interval (work submitted through the API, or by another
 process), immediately when one of its calls finishes (a slot is free), and when a retry
-scheduled by this process becomes due (and again after its hand-off delay) or another
-process made work due (PostgreSQL NOTIFY, ``Store.subscribe``). While a
+scheduled here (or, on PostgreSQL, in another process) becomes due, and after its hand-off. While a
 (region, model)'s circuit (circuit.py) is open, its queued failover-any work goes to the
 other regions. Backpressure is not failure: what a finished call does is recording.py's
 (pacing.py's rules). The heartbeat extends the leases of calls in flight; the reaper
@@ -394,7 +393,7 @@ class Dispatcher:
         self._started = True
         for worker in self.workers.values():
             worker.start()
-        self._subscription = self.store.subscribe(self._retry_scheduled)  # other processes'
+        self._subscription = self.store.subscribe(self._retry_scheduled)  # PostgreSQL NOTIFY
         loops = (
             (self._heartbeat, "heartbeat"),
             (self._reaper, "reaper"),
