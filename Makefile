@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= local,server,postgres,loadtest,deploy-check,dev
+EXTRAS ?= local,server,postgres,loadtest,bench,deploy-check,dev
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast lint format loadtest capacity soak bench postgres browser clean

@@ -358,13 +358,25 @@ class Dispatcher(Process):
         return totals
 
     def process_tree(self) -> dict[str, int]:
-        """role -> pid: the region-worker process, the API's gunicorn master and workers."""
-        tree = {"region workers": self.pid}
-        for master in children(self.pid):
-            tree["API gunicorn master"] = master
-            for i, worker in enumerate(children(master)):
+        """role -> pid: the region-worker process, the API's gunicorn master and workers.
+        ``dispatcher`` (``run``) supervises two children, ``dispatcher worker`` and
+        ``dispatcher api``; with ``--no-api`` the region workers run in this pid."""
+        if not self.api_enabled:
+            return {"region workers": self.pid}
+        tree = {"supervisor": self.pid}
+        for child in children(self.pid):
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"worker" in cmdline:
+                tree["region workers"] = child
+                continue
+            tree["API gunicorn master"] = child
+            for i, worker in enumerate(children(child)):
                 tree[f"API worker {i + 1}"] = worker
         return tree
+
+    def worker_pid(self) -> int:
+        """The pid of the process that runs the region workers (claims, calls, results)."""
+        return self.process_tree()["region workers"]
 
 
 # -- stores ---------------------------------------------------------------------------

@@ -22,9 +22,11 @@ Two modes (``--modes``):
            records the failure wakes every region's claim loop exactly when the
            retry is due (in-process timer);
     split  two dispatcher processes on the same store, one per region (a with the
-           API, b with ``--no-api``): b learns of the retry only by polling the
-           store every ES_CLAIM_POLL_S (default 0.1 s), as a second dispatcher host
-           would.
+           API, b with ``--no-api``), as a second dispatcher host would be: on
+           SQLite b learns of the retry only by polling the store every
+           ES_CLAIM_POLL_S (default 0.05 s); on PostgreSQL a's commit NOTIFYs b,
+           which wakes when the retry is due (try ``--claim-poll-s 2``: the poll
+           no longer matters).
 
     .venv/bin/python bench/dispatcher_retry.py
     .venv/bin/python bench/dispatcher_retry.py --backoff 0.5 --samples 40 --store postgres

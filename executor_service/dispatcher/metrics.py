@@ -82,6 +82,14 @@ LOST_LEASES = Counter(
     "Results not written because the lease had expired or been released.",
     ["region"],
 )
+RESULT_COMMITS = Counter(
+    "dispatcher_result_commits_total",
+    "Transactions that wrote call results (group commit: several results per transaction).",
+)
+RESULT_WRITES = Counter(
+    "dispatcher_result_writes_total",
+    "Call results written (complete or fail); / dispatcher_result_commits_total = per commit.",
+)
 REAPED = Counter("dispatcher_reaped_total", "Expired leases returned to the queue by the reaper.")
 IN_FLIGHT = Gauge(
     "dispatcher_in_flight",

@@ -5,7 +5,7 @@ Each region claims only for its own free slots and runs calls on its own pool of
 ``concurrency`` threads, so a slow or broken region never holds up another. A region's
 loop wakes on a short poll interval (work submitted through the API, or by another
 process), immediately when one of its calls finishes (a slot is free), and when a retry
-scheduled by this process becomes due (and again after its hand-off delay). While a
+scheduled here (or, on PostgreSQL, in another process) becomes due, and after its hand-off. While a
 (region, model)'s circuit (circuit.py) is open, its queued failover-any work goes to the
 other regions. Backpressure is not failure: what a finished call does is recording.py's
 (pacing.py's rules). The heartbeat extends the leases of calls in flight; the reaper
@@ -44,7 +44,7 @@ from .regions import Region, Regions
 from .rules import ClaimRequest
 from .runtime import DaemonPool, Pool, ThreadWakeup, Wakeup
 from .scheduler import BackoffPolicy, Clock, RetryScheduler
-from .store.base import Claim, Store, StoreError
+from .store.base import NOT_SUBSCRIBED, Claim, Store, StoreError, Subscription
 
 logger = logging.getLogger(__name__)
 
@@ -378,10 +378,11 @@ class Dispatcher:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
+        self._subscription: Subscription = NOT_SUBSCRIBED
 
     def _retry_scheduled(self, when: float) -> None:
         # Any region may take the retry (failover): wake them all when it is due, and when
-        # the hand-off lets the region it failed in take it back.
+        # the hand-off lets the region it failed in take it back (the store's notices too).
         for worker in self.workers.values():
             worker.wake_at(when)
             worker.wake_at(when + self.config.retry_handoff_s)
@@ -392,6 +393,7 @@ class Dispatcher:
         self._started = True
         for worker in self.workers.values():
             worker.start()
+        self._subscription = self.store.subscribe(self._retry_scheduled)  # PostgreSQL NOTIFY
         loops = (
             (self._heartbeat, "heartbeat"),
             (self._reaper, "reaper"),
@@ -478,6 +480,7 @@ class Dispatcher:
             worker.stop_claiming()
         for worker in self.workers.values():
             worker.join_loop(timeout=10)
+        self._subscription.close()
         deadline = time.monotonic() + grace
         for worker in self.workers.values():
             worker.wait_idle(deadline)

@@ -11,6 +11,7 @@ kept: tests and trials).
     records.py     ids, tokens, job expansion, rows -> records (shared by every store)
     memory.py      MemoryStore: dicts, inspectable state
     sql_store.py   what the SQL stores share (most operations)
+    sql_results.py their result writes (group_commit.py); pg_notify.py  wake-ups
     sqlite.py      SQLiteStore;  postgres.py  PostgresStore
     sql_files.py   loading migrations (sql/<dialect>/) and named queries (sql/queries_*.sql)
 

@@ -16,8 +16,8 @@ drive time without sleeping.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from executor_service.dispatcher.store.models import (
     Attempt,
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from executor_service.dispatcher.rules import ClaimRequest
 
 __all__ = [  # the records are defined in models.py
+    "NOT_SUBSCRIBED",
     "Attempt",
     "Claim",
     "Claims",
@@ -57,6 +58,7 @@ __all__ = [  # the records are defined in models.py
     "State",
     "Store",
     "StoreError",
+    "Subscription",
 ]
 
 
@@ -68,8 +70,31 @@ class IdempotencyConflict(StoreError):
     """The idempotency key was used before with a different request body."""
 
 
+class Subscription(Protocol):
+    """A running ``Store.subscribe``: ``close`` stops it."""
+
+    def close(self) -> None: ...
+
+
+class _NotSubscribed:
+    def close(self) -> None:
+        """Nothing runs: the store cannot tell across processes."""
+
+
+NOT_SUBSCRIBED: Subscription = _NotSubscribed()
+
+
 class Store(ABC):
     """Operations are atomic; each says what it guarantees under concurrency."""
+
+    def subscribe(self, on_due: Callable[[float], None]) -> Subscription:
+        """Hear, across processes, that work becomes claimable at a time: ``on_due(at)``
+        is called (from a thread of the store's) after another process - or this one -
+        committed a job, a retry due at ``at``, a released or reaped lease, diverted
+        work; and with ``at`` = 0 (due already) when notices may have been missed (the
+        listening connection was lost). ``NOT_SUBSCRIBED``: this store cannot, its
+        claimers poll (memory: one process; SQLite: no server to notify through)."""
+        return NOT_SUBSCRIBED
 
     @abstractmethod
     def migrate(self) -> None:

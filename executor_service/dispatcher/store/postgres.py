@@ -30,8 +30,9 @@ Concurrency, the part that matters:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -43,6 +44,7 @@ from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
 from executor_service.dispatcher.store.base import NewJob, StoreError
 from executor_service.dispatcher.store.models import Claims
+from executor_service.dispatcher.store.pg_notify import NOTIFY_SQL, DueListener, payload
 from executor_service.dispatcher.store.sql_files import load_migrations, load_queries
 from executor_service.dispatcher.store.sql_store import SQLStore
 
@@ -55,6 +57,8 @@ _MIGRATION_LOCK = 0  # second key of the migration lock; regions use hashtext(na
 
 Cursor = psycopg.Cursor[DictRow]
 Q = load_queries("postgres")
+#: connect timeout of the claim loops' and the listener's own connections, seconds
+LOOP_CONNECT_TIMEOUT_S = 2
 
 
 class PostgresStore(SQLStore[Cursor]):
@@ -72,6 +76,15 @@ class PostgresStore(SQLStore[Cursor]):
             psycopg.connect(conninfo, connect_timeout=max(1, int(open_timeout_s))).close()
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to the PostgreSQL store: {exc}") from exc
+        self._conninfo = conninfo
+        # The claim and listen connections are (re)opened while the loops run: a short
+        # timeout, so an unreachable server costs a claim loop seconds, not open_timeout_s.
+        self._connect_timeout = min(max(1, int(open_timeout_s)), LOOP_CONNECT_TIMEOUT_S)
+        # claim loops' own connections (one per claiming thread), see _claim_transaction
+        self._claim_local = threading.local()
+        self._claim_conns: list[psycopg.Connection[DictRow]] = []
+        self._claim_conns_lock = threading.Lock()
+        self._listeners: list[DueListener] = []
         self._pool: ConnectionPool[Any] = ConnectionPool(
             conninfo,
             min_size=min_size,
@@ -114,6 +127,55 @@ class PostgresStore(SQLStore[Cursor]):
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL store: {exc}") from exc
 
+    @contextmanager
+    def _claim_transaction(self) -> Iterator[Cursor]:
+        """A claim's transaction on the claiming thread's own connection, kept open
+        between claims: a region's claim loop never waits for a pooled connection
+        behind the call threads' result writes and the heartbeat, and skips the pool's
+        check-out and reset on every claim. The connection is dropped on any error
+        (the next claim opens a fresh one), and closed with the store."""
+        conn: psycopg.Connection[DictRow] | None = getattr(self._claim_local, "conn", None)
+        try:
+            if conn is None or conn.closed:
+                conn = psycopg.connect(
+                    self._conninfo,
+                    autocommit=False,
+                    row_factory=dict_row,
+                    connect_timeout=self._connect_timeout,
+                )
+                self._claim_local.conn = conn
+                with self._claim_conns_lock:
+                    self._claim_conns.append(conn)
+            try:
+                with conn.cursor() as cur:
+                    yield cur
+                conn.commit()
+            except BaseException:
+                self._drop_claim_conn(conn)
+                raise
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL store: {exc}") from exc
+
+    def _drop_claim_conn(self, conn: psycopg.Connection[DictRow]) -> None:
+        with suppress(psycopg.Error):
+            conn.close()  # an open transaction is rolled back by the server
+        self._claim_local.conn = None
+        with self._claim_conns_lock:
+            if conn in self._claim_conns:
+                self._claim_conns.remove(conn)
+
+    # -- wake-ups across processes (pg_notify.py) --------------------------------
+    def _announce(self, cur: Cursor, due_at: float) -> None:
+        """NOTIFY the other dispatcher processes on commit: work is due at ``due_at``."""
+        cur.execute(NOTIFY_SQL, {"due_at": payload(due_at)})
+
+    def subscribe(self, on_due: Callable[[float], None]) -> DueListener:
+        """LISTEN on a connection of its own, in a thread, until the listener is closed."""
+        listener = DueListener(self._conninfo, on_due, self._connect_timeout)
+        with self._claim_conns_lock:
+            self._listeners.append(listener)
+        return listener
+
     # -- lifecycle ------------------------------------------------------------
     def migrate(self) -> None:
         with self._transaction() as cur:
@@ -136,6 +198,14 @@ class PostgresStore(SQLStore[Cursor]):
                 )
 
     def close(self) -> None:
+        with self._claim_conns_lock:
+            conns, self._claim_conns = self._claim_conns, []
+            listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.close()
+        for conn in conns:
+            with suppress(psycopg.Error):
+                conn.close()
         self._pool.close()
 
     # -- jobs -----------------------------------------------------------------
@@ -164,7 +234,7 @@ class PostgresStore(SQLStore[Cursor]):
         if request.empty:
             return Claims()
         args = {**self._claim_args(request), "namespace": _LOCK_NAMESPACE}
-        with self._transaction() as cur:
+        with self._claim_transaction() as cur:
             cur.execute(Q["lock_region"], args)
             row = cur.execute(Q["count_leased"], args).fetchone()
             free = min(request.limit, request.region.concurrency - (row["n"] if row else 0))

@@ -16,6 +16,9 @@ transaction is opened, the operation lives here, on top of these hooks:
   ``_expired_leases``: the steps of create_job, claim (step 2), queue_stats and
   reap whose SQL differs in shape, not only in dialect.
 
+The result writes (complete, fail, defer) live in ``sql_results.py`` (``ResultWrites``,
+which this class inherits): group-committed, and announcing work due to other processes.
+
 Every decision is ``rules.py``'s: the claim order (``rules.pick`` over this store's
 ``ClaimQueues``), what a failed, released or reaped lease becomes. fail, release and
 reap read what the rule needs (the job's cancel flag, the queue a lease came from)
@@ -47,6 +50,7 @@ from executor_service.dispatcher.store.base import (
     RegionSpec,
     Store,
 )
+from executor_service.dispatcher.store.sql_results import ResultWrites
 from executor_service.dispatcher.store.sql_workbench import SQLWorkbenchOps
 
 
@@ -72,7 +76,7 @@ class SQLHandle(Protocol):
 DB = TypeVar("DB", bound=SQLHandle)
 
 
-class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
+class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
     """The Store operations common to the SQL stores; ``DB`` is the handle type
     their transactions yield, so each store's hooks get its own handle."""
 
@@ -155,6 +159,7 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
                     )
                 return records.job_from_row(row, self._loads), False
             self._insert_executions(db, records.execution_rows(job, row["id"], now, self._dumps))
+            self._announce(db, now)
         self._logger.info("job created", extra={"job_id": row["id"], "tenant": job.tenant})
         return records.job_from_row(row, self._loads), True
 
@@ -202,77 +207,6 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
         """The claim's candidate queries (rules.ClaimQueues) inside transaction ``db``."""
         return _SQLQueues(self, db, args)
 
-    def complete(
-        self, execution_id: int, token: str, result: dict[str, Any], now: float, started_at: float
-    ) -> bool:
-        args = {
-            "id": execution_id,
-            "token": token,
-            "output": records.output_of(result),
-            "result": self._dumps(result),
-            "now": now,
-        }
-        with self._transaction(write=True) as db:
-            return self._finish_attempt(db, "complete", args, started_at, error=None)
-
-    def _finish_attempt(
-        self, db: DB, query: str, args: dict[str, Any], started_at: float, error: Any
-    ) -> bool:
-        """Apply a fenced complete/fail/defer (the named ``query``, which returns the
-        call's number, attempts + deferrals, and executed_region), then record the
-        attempt it ended. ``error`` is
-        the failure as a JSON parameter, None for a success."""
-        row = db.execute(self.queries[query], args).fetchone()
-        if row is None:
-            return False
-        attempt = {
-            "id": args["id"],
-            "number": row["call_number"],
-            "region": row["executed_region"],
-            "started_at": started_at,
-            "now": args["now"],
-            "ok": error is None,
-            "error": error,
-        }
-        db.execute(self.queries["insert_attempt"], attempt)
-        return True
-
-    def fail(
-        self,
-        execution_id: int,
-        token: str,
-        error: dict[str, Any],
-        now: float,
-        started_at: float,
-        retry_at: float | None,
-    ) -> bool:
-        lease = {"id": execution_id, "token": token}
-        with self._transaction(write=True) as db:
-            row = db.execute(self.queries["lease_of"], lease).fetchone()
-            if row is None:
-                return False
-            to = rules.after_failure(retry_at, bool(row["cancelled"]), now)
-            args = {**lease, **self._transition(to), "error": self._dumps(error), "now": now}
-            return self._finish_attempt(db, "fail", args, started_at, error=self._dumps(error))
-
-    def defer(
-        self,
-        execution_id: int,
-        token: str,
-        error: dict[str, Any],
-        now: float,
-        started_at: float,
-        retry_at: float | None,
-    ) -> bool:
-        lease = {"id": execution_id, "token": token}
-        with self._transaction(write=True) as db:
-            row = db.execute(self.queries["lease_of"], lease).fetchone()
-            if row is None:
-                return False
-            to = rules.after_failure(retry_at, bool(row["cancelled"]), now)
-            args = {**lease, **self._transition(to), "error": self._dumps(error), "now": now}
-            return self._finish_attempt(db, "defer", args, started_at, error=self._dumps(error))
-
     def release(self, execution_id: int, token: str, now: float) -> bool:
         lease = {"id": execution_id, "token": token}
         with self._transaction(write=True) as db:
@@ -283,7 +217,10 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
                 row["claimed_from"], bool(row["cancelled"]), row["last_region"], now
             )
             args = {**lease, **self._transition(to), "executed_region": to.executed_region}
-            return bool(db.execute(self.queries["release"], args).rowcount)
+            released = bool(db.execute(self.queries["release"], args).rowcount)
+            if released and to.due_at is not None:
+                self._announce(db, to.due_at)
+            return released
 
     def reap_expired(self, now: float, max_backoff_s: float = 0.0) -> int:
         error = self._dumps(rules.LEASE_EXPIRED_ERROR)
@@ -309,6 +246,8 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
                     "error": error,
                 }
                 db.execute(self.queries["insert_attempt"], attempt)
+            if expired:
+                self._announce(db, now)
         if expired:
             self._logger.warning("reaped %d expired leases", len(expired))
         return len(expired)
@@ -411,15 +350,12 @@ class SQLStore(SQLWorkbenchOps, Store, Generic[DB]):
         self._logger.warning("job deadline passed", extra={"jobs": job_ids[:20], "ended": ended})
         return ended
 
-    @staticmethod
-    def _transition(to: rules.Transition) -> dict[str, Any]:
-        """A rule's answer as the named parameters of fail, release and reap_one."""
-        return {"state": to.state.value, "due_at": to.due_at, "finished_at": to.finished_at}
-
     def divert_queued(self, region: str, now: float, model: str | None = None) -> int:
         with self._transaction(write=True) as db:
             args = {"region": region, "now": now, "model": model}
             moved = db.execute(self.queries["divert_queued"], args).rowcount
+            if moved:
+                self._announce(db, now)
         if moved:
             self._logger.info("diverted %d queued executions away from region %s", moved, region)
         return moved
