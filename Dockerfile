@@ -31,9 +31,11 @@ FROM ${BASE_IMAGE} AS requirements
 ARG WITH_LOCAL_MODEL
 WORKDIR /src
 COPY pyproject.toml ./
+# Two lists: llama-cpp-python alone (compiled, minutes) and everything else, so
+# that adding or changing any other dependency reuses the compiled wheel.
 RUN if [ "${WITH_LOCAL_MODEL}" = "true" ]; then extras="[local,postgres]"; else extras="[postgres]"; fi \
-    && python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extras = sys.argv[1].strip("[]").split(","); print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' \
-        "${extras}" > requirements.txt
+    && python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extras = sys.argv[1].strip("[]").split(","); reqs = p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]; compiled = [r for r in reqs if r.startswith("llama-cpp-python")]; open("compiled.txt", "w").write("".join(r + "\n" for r in compiled)); open("requirements.txt", "w").write("".join(r + "\n" for r in reqs if r not in compiled))' \
+        "${extras}"
 
 # ---------------------------------------------------------------- builder ---
 FROM ${BASE_IMAGE} AS builder
@@ -65,8 +67,12 @@ RUN if [ "${WITH_LOCAL_MODEL}" = "true" ]; then \
 # only here), then the wheels go into a virtualenv that the runtime copies.
 # The postgres extra is always in: the same image runs the dispatcher.
 WORKDIR /src
+COPY --from=requirements /src/compiled.txt ./
+RUN if [ -s compiled.txt ]; then \
+        python -m pip wheel --wheel-dir /wheels --requirement compiled.txt; \
+    else mkdir -p /wheels; fi
 COPY --from=requirements /src/requirements.txt ./
-RUN python -m pip wheel --wheel-dir /wheels --requirement requirements.txt
+RUN python -m pip wheel --wheel-dir /wheels --find-links /wheels --requirement requirements.txt
 
 # Then the package itself, installed from those wheels only (no index).
 COPY pyproject.toml README.md ./

@@ -201,16 +201,25 @@ def test_llama_cpp_is_compiled_in_the_builder_only(
     assert global_args["WITH_LOCAL_MODEL"] == "true"
     assert "WITH_LOCAL_MODEL" in requirements.all("ARG")
     assert "WITH_LOCAL_MODEL" in builder.all("ARG")
-    # The wheel step sees the dependency list only, not pyproject.toml or the code.
+    # The wheel steps see the dependency lists only, not pyproject.toml or the code:
+    # llama-cpp-python alone first (its compile is cached while other dependencies
+    # change), then the rest.
     names = [kw for kw, _ in builder.instructions]
-    wheel_step = next(
+    wheel_steps = [
         i for i, (kw, args) in enumerate(builder.instructions) if "--requirement" in args
+    ]
+    assert len(wheel_steps) == 2
+    assert builder.instructions[wheel_steps[0] - 1] == (
+        "COPY",
+        "--from=requirements /src/compiled.txt ./",
     )
-    assert builder.instructions[wheel_step - 1] == (
+    assert "--requirement compiled.txt" in builder.instructions[wheel_steps[0]][1]
+    assert builder.instructions[wheel_steps[1] - 1] == (
         "COPY",
         "--from=requirements /src/requirements.txt ./",
     )
-    assert "COPY" not in names[: wheel_step - 1], "nothing else is copied before the wheels"
+    assert "--find-links /wheels" in builder.instructions[wheel_steps[1]][1]
+    assert "COPY" not in names[: wheel_steps[0] - 1], "nothing else is copied before the wheels"
     assert "-DGGML_NATIVE=OFF" in arg_default(builder, "LLAMA_CMAKE_ARGS")
 
     runtime_runs = " ".join(runtime.all("RUN"))
