@@ -8,17 +8,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import sentry_sdk
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_smorest import Blueprint
 
-from ..errors import NotReady, UnknownModel
+from ..errors import NotReady
 from .admission import Admission
+from .calls import ModelCall, record, run_call
 from .catalog import Catalog
 from .config import ExecutorSettings
-from .metrics import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
-from .provider_errors import api_error
-from .providers import Call, ProviderFailure, ProviderTimeout
 from .schemas import ExecuteRequestSchema, ExecuteResponseSchema, ModelListSchema
 
 logger = logging.getLogger(__name__)
@@ -42,8 +39,9 @@ def state() -> ExecutorState:
     return st
 
 
-def _request_id(body: dict[str, Any]) -> str:
-    rid = body.get("request_id") or request.headers.get("X-Request-ID", "")
+def request_id(given: str | None = None) -> str:
+    """The call's id: the one given in the body, else the X-Request-ID header, else new."""
+    rid = given or request.headers.get("X-Request-ID", "")
     return rid if rid and len(rid) <= 128 else uuid.uuid4().hex
 
 
@@ -63,63 +61,38 @@ def _request_id(body: dict[str, Any]) -> str:
 @blp.alt_response(502, description="provider_error")
 def execute(body: dict[str, Any]) -> Response:
     """Run one model call and answer with its output, usage and timing."""
-    started = g.started
     st = state()
-    g.request_id = _request_id(body)
-    model = body["model"]
-    if model not in st.catalog:
-        raise UnknownModel(
-            f"model {model!r} is not in the catalog",
-            details={"model": model, "available": st.catalog.names()},
-        )
-    g.model = model
-    sentry_sdk.set_tag("model", model)
-    settings = st.settings
-    budget = min(body["timeout_s"] or settings.timeout_cap_s, settings.timeout_cap_s)
     messages = body.get("messages") or [{"role": "user", "content": body["prompt"]}]
-    with st.admission.slot():
-        provider = st.catalog.provider(model)
-        call = Call(
+    outcome = run_call(
+        ModelCall(
+            model=body["model"],
             messages=messages,
             max_tokens=body["max_tokens"],
             temperature=body["temperature"],
             seed=body["seed"],
-            deadline=time.monotonic() + budget,
-            request_id=g.request_id,
+            timeout_s=body["timeout_s"],
+            request_id=request_id(body.get("request_id")),
+            input_field="messages" if body.get("messages") else "prompt",
         )
-        model_started = time.monotonic()
-        try:
-            completion = provider.complete(call)
-        except (ProviderTimeout, ProviderFailure) as exc:
-            field = "messages" if body.get("messages") else "prompt"
-            raise api_error(
-                exc, provider=provider.kind, model=model, timeout_s=budget, field=field
-            ) from None
-        finally:
-            MODEL_SECONDS.labels(model).observe(time.monotonic() - model_started)
-    finished = time.monotonic()
-    g.model_ms = (finished - model_started) * 1000
+    )
+    completion = outcome.completion
     # Built to ExecuteResponseSchema's shape and returned as a Response, so flask-smorest
     # documents the schema without dumping every answer through marshmallow again
     # (a tenth of the per-call overhead); the contract tests check the shape.
     return jsonify(
         {
             "request_id": g.request_id,
-            "model": model,
-            "provider": provider.kind,
-            "region": settings.region,
-            "replica": settings.replica,
+            "model": body["model"],
+            "provider": outcome.provider,
+            "region": st.settings.region,
+            "replica": st.settings.replica,
             "output": completion.output,
             "finish_reason": completion.finish_reason,
             "usage": {
                 "prompt_tokens": completion.prompt_tokens,
                 "completion_tokens": completion.completion_tokens,
             },
-            "timing": {
-                "queue_ms": round((model_started - started) * 1000, 3),
-                "model_ms": round(g.model_ms, 3),
-                "total_ms": round((finished - started) * 1000, 3),
-            },
+            "timing": outcome.timing(),
         }
     )
 
@@ -157,26 +130,25 @@ def ready() -> dict[str, Any]:
     return {"status": "ready", "region": st.settings.region, "models": st.catalog.names()}
 
 
+#: the endpoints whose requests are model calls: counted, timed and logged per call
+CALL_ENDPOINTS = {"executor.execute"}
+
+
 def _observe(response: Response) -> Response:
-    if request.endpoint != "executor.execute":
+    if request.endpoint not in CALL_ENDPOINTS:
         return response
-    model = g.get("model", "unknown")
-    total = time.monotonic() - g.started
-    REQUESTS.labels(model, str(response.status_code)).inc()
-    REQUEST_SECONDS.labels(model).observe(total)
     rid = g.get("request_id")
     if rid:
         response.headers["X-Request-ID"] = rid
-    logger.info(
-        "execute",
-        extra={
-            "request_id": rid,
-            "model": model,
-            "status": response.status_code,
-            "total_ms": round(total * 1000, 3),
-            "model_ms": round(g.get("model_ms", 0.0), 3),
-            "tenant": g.get("tenant"),
-        },
+    if g.get("streamed"):  # counted when the stream ends (calls.Stream.close)
+        return response
+    record(
+        g.get("model", "unknown"),
+        response.status_code,
+        time.monotonic() - g.started,
+        request_id=rid,
+        model_ms=g.get("model_ms", 0.0),
+        tenant=g.get("tenant"),
     )
     return response
 
@@ -189,3 +161,6 @@ def init_app(app: Flask, settings: ExecutorSettings, api: Any) -> None:
     )
     app.after_request(_observe)
     api.register_blueprint(blp)
+    from . import openai_api
+
+    openai_api.init_app(app, api)

@@ -8,6 +8,7 @@ import importlib.util
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from executor_service.config import ConfigError
 from executor_service.executor.providers import (
     Call,
+    Chunk,
     ProviderFailure,
     ProviderTimeout,
     create_provider,
@@ -101,13 +103,32 @@ class FakeLlama:
         self.error: Exception | None = None
         self.closed = False
         self.resets = 0
+        self.n_tokens = 0
+        self.streaming = False
 
     def past_deadline(self) -> bool:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.deadline_hit = True
         return self.deadline_hit
 
-    def create_chat_completion(self, **kwargs: Any) -> dict[str, Any]:
+    def create_chat_completion(self, **kwargs: Any) -> Any:
+        if kwargs.pop("stream", False):
+            return self._stream(kwargs)
+        tokens, finish = 0, "length"
+        for token in self._generate(kwargs):
+            if token is None:
+                finish = "stop"
+            else:
+                tokens += 1
+        return {
+            "choices": [
+                {"message": {"role": "assistant", "content": "x" * tokens}, "finish_reason": finish}
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": tokens + 5},
+        }
+
+    def _generate(self, kwargs: dict[str, Any]) -> Iterator[str | None]:
+        """One "x" per token; None last when generation stopped at the deadline."""
         self.calls.append(kwargs)
         self.entered.set()
         self.gate.wait(timeout=10)
@@ -117,20 +138,31 @@ class FakeLlama:
         time.sleep(self.prompt_seconds)
         if self.past_deadline():
             raise RuntimeError("llama_decode returned 2")
-        tokens = 0
-        finish = "length"
+        self.n_tokens = 5
         for _ in range(kwargs["max_tokens"]):
             time.sleep(self.token_seconds)
-            tokens += 1
+            self.n_tokens += 1
+            yield "x"
             if self.past_deadline():
-                finish = "stop"
-                break
-        return {
-            "choices": [
-                {"message": {"role": "assistant", "content": "x" * tokens}, "finish_reason": finish}
-            ],
-            "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": tokens + 5},
-        }
+                yield None
+                return
+
+    def _stream(self, kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """llama-cpp-python's chat chunks: the role, one token each, then the finish_reason."""
+        self.streaming = True
+        try:
+            yield {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+            finish = "length"
+            for token in self._generate(kwargs):
+                if token is None:
+                    finish = "stop"
+                    break
+                yield {
+                    "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]
+                }
+            yield {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+        finally:
+            self.streaming = False
 
     def reset(self) -> None:
         self.resets += 1
@@ -281,6 +313,53 @@ def test_close_releases_the_model(gguf: str) -> None:
     provider.close()
     assert fake.closed
     assert not provider.loaded
+
+
+def test_a_stream_gives_the_tokens_then_the_finish_reason_and_usage(gguf: str) -> None:
+    provider, fake = provider_with_fake(gguf)
+    chunks = list(provider.stream(call(max_tokens=3, seed=4)))
+    assert chunks == [
+        Chunk(text="x"),
+        Chunk(text="x"),
+        Chunk(text="x"),
+        Chunk(finish_reason="length", prompt_tokens=5, completion_tokens=3),
+    ]
+    assert fake.calls[0]["seed"] == 4
+    assert not provider._lock.locked()
+
+
+def test_a_stream_closed_early_releases_the_model_at_once(gguf: str) -> None:
+    provider, fake = provider_with_fake(gguf)
+    stream = provider.stream(call(max_tokens=1000))
+    assert next(stream) == Chunk(text="x")
+    assert provider._lock.locked() and fake.streaming
+    stream.close()  # the client went away
+    assert not fake.streaming, "llama-cpp-python's generator was not closed"
+    assert not provider._lock.locked()
+    assert fake.deadline is None
+    assert provider.complete(call(max_tokens=2)).output == "xx"
+
+
+def test_a_stream_stops_at_the_deadline(gguf: str) -> None:
+    provider, fake = provider_with_fake(gguf)
+    fake.token_seconds = 0.001
+    stream = provider.stream(call(timeout_s=0.05, max_tokens=1_000_000))
+    with pytest.raises(ProviderTimeout, match="deadline"):
+        for _ in stream:
+            pass
+    assert not provider._lock.locked()
+
+
+def test_a_stream_maps_the_prompt_errors_like_a_call(gguf: str) -> None:
+    provider, fake = provider_with_fake(gguf)
+    fake.error = ValueError("Requested tokens (3031) exceed context window of 2048")
+    with pytest.raises(ProviderFailure, match="context window of 2048"):
+        next(provider.stream(call()))
+    fake.error = None
+    fake.prompt_seconds = 0.1
+    with pytest.raises(ProviderTimeout, match="prompt evaluation"):
+        next(provider.stream(call(timeout_s=0.05)))
+    assert not provider._lock.locked()
 
 
 @pytest.mark.parametrize(

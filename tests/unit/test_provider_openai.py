@@ -6,6 +6,7 @@ import json
 import logging
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import pytest
 from executor_service.config import ConfigError
 from executor_service.executor.providers import (
     Call,
+    Chunk,
     ProviderFailure,
     ProviderTimeout,
     create_provider,
@@ -41,6 +43,8 @@ class Reply:
     body: bytes | dict[str, Any] = field(default_factory=lambda: OK_BODY)
     headers: dict[str, str] = field(default_factory=dict)
     wait_for_release: bool = False  # hold the answer until the test ends (a hung upstream)
+    stream: list[bytes] | None = None  # written piece by piece as server-sent events
+    pause_s: float = 0.0  # between two pieces of the stream (the upstream's own pace)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Upstream:
         self.reply = Reply()
         self.seen: list[Seen] = []
         self.release = threading.Event()
+        self.cut = False
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,6 +83,9 @@ class Upstream:
                 reply = upstream.reply
                 if reply.wait_for_release:
                     upstream.release.wait(timeout=10)
+                if reply.stream is not None:
+                    self._stream(reply)
+                    return
                 body = reply.body
                 data = json.dumps(body).encode() if isinstance(body, dict) else body
                 try:
@@ -90,6 +98,21 @@ class Upstream:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (the timeout test)
+
+            def _stream(self, reply: Reply) -> None:
+                # HTTP/1.0 without a length: the stream ends when the connection closes.
+                try:
+                    self.send_response(reply.status)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                    for piece in reply.stream or []:
+                        if upstream.release.is_set():
+                            return
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                        time.sleep(reply.pause_s)
+                except (BrokenPipeError, ConnectionResetError):
+                    upstream.cut = True  # the client closed the stream
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -359,3 +382,86 @@ def test_close_releases_the_session(upstream: Upstream) -> None:
     assert provider.loaded
     provider.close()
     assert not provider.loaded
+
+
+def sse(*events: dict[str, Any] | str) -> list[bytes]:
+    return [f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events]
+
+
+def delta(text: str | None = None, finish: str | None = None) -> dict[str, Any]:
+    d = {} if text is None else {"content": text}
+    return {"choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+
+def test_a_stream_reads_the_upstream_events(upstream: Upstream) -> None:
+    usage = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+    upstream.reply = Reply(
+        stream=[
+            b": a comment\n\n",
+            *sse(delta(""), delta("Hel"), delta("lo"), delta(finish="stop")),
+            *sse({"choices": [], "usage": usage}, "[DONE]"),
+        ]
+    )
+    chunks = list(make(upstream.base_url).stream(call(max_tokens=5, seed=3)))
+    assert chunks == [
+        Chunk(text="Hel"),
+        Chunk(text="lo"),
+        Chunk(finish_reason="stop", prompt_tokens=9, completion_tokens=2),
+    ]
+    [seen] = upstream.seen
+    assert seen.body["stream"] is True
+    assert seen.body["stream_options"] == {"include_usage": True}
+    assert seen.body["seed"] == 3
+
+
+def test_a_stream_without_usage_counts_the_deltas(upstream: Upstream) -> None:
+    upstream.reply = Reply(stream=sse(delta("a"), delta("b"), delta(finish="length"), "[DONE]"))
+    *_, last = make(upstream.base_url).stream(call())
+    assert last == Chunk(finish_reason="length", prompt_tokens=None, completion_tokens=2)
+
+
+def test_a_stream_refused_upstream_fails_before_the_first_chunk(upstream: Upstream) -> None:
+    upstream.reply = Reply(
+        status=429, body={"error": {"message": "slow down"}}, headers={"Retry-After": "3"}
+    )
+    with pytest.raises(ProviderFailure) as info:
+        next(make(upstream.base_url).stream(call()))
+    assert (info.value.status, info.value.retry_after_s) == (429, 3.0)
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        sse(delta("a")),  # ends without a finish_reason
+        sse(delta("a"), {"error": {"message": "model crashed"}}),
+        [b"data: {not json\n\n"],
+    ],
+)
+def test_a_broken_stream_is_a_failure(upstream: Upstream, pieces: list[bytes]) -> None:
+    upstream.reply = Reply(stream=pieces)
+    with pytest.raises(ProviderFailure):
+        list(make(upstream.base_url).stream(call()))
+
+
+@pytest.mark.parametrize("trickle", [False, True])
+def test_the_deadline_bounds_the_whole_stream(upstream: Upstream, trickle: bool) -> None:
+    # A token every 20 ms for 10 s, or the same bytes one at a time: each read is quick,
+    # so only a deadline on the whole stream stops it.
+    events = sse(*[delta("x")] * 500)
+    pieces = [bytes([b]) for b in b"".join(events)] if trickle else events
+    upstream.reply = Reply(stream=pieces, pause_s=0.005 if trickle else 0.02)
+    started = time.monotonic()
+    with pytest.raises(ProviderTimeout, match="deadline"):
+        list(make(upstream.base_url).stream(call(timeout_s=0.3)))
+    assert time.monotonic() - started < 1.0
+
+
+def test_closing_a_stream_closes_the_upstream_connection(upstream: Upstream) -> None:
+    upstream.reply = Reply(stream=sse(*[delta("x")] * 500), pause_s=0.01)
+    stream = make(upstream.base_url).stream(call())
+    assert next(stream) == Chunk(text="x")
+    stream.close()
+    deadline = time.monotonic() + 5
+    while not upstream.cut and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert upstream.cut, "the upstream went on writing to a closed stream"

@@ -6,6 +6,7 @@ from typing import Any
 
 from .base import (
     Call,
+    Chunk,
     Completion,
     Provider,
     ProviderFailure,
@@ -16,6 +17,7 @@ from .base import (
 
 __all__ = [
     "Call",
+    "Chunk",
     "Completion",
     "Provider",
     "ProviderFailure",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,17 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed answer. The last chunk of a stream has ``finish_reason`` set,
+    and the token counts when the provider knows them."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 class ProviderTimeout(ExecutorServiceError):
@@ -99,6 +111,21 @@ class Provider(ABC):
     @abstractmethod
     def complete(self, call: Call) -> Completion:
         """Run the call; raise ProviderTimeout or ProviderFailure on the expected failures."""
+
+    def stream(self, call: Call) -> Iterator[Chunk]:
+        """The answer piece by piece, as a generator: the caller closes it when the client
+        goes away, and a provider releases what it holds in its ``finally``. Raises the same
+        exceptions as :meth:`complete`, at any point of the iteration.
+
+        This default yields the whole answer as one chunk; providers that can stream
+        (``llama_cpp``, ``openai``, ``simulated``) override it."""
+        completion = self.complete(call)
+        yield Chunk(
+            text=completion.output,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+        )
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

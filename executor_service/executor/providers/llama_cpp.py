@@ -36,13 +36,14 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ...config import ConfigError
 from .base import (
     Call,
+    Chunk,
     Completion,
     Provider,
     ProviderFailure,
@@ -254,33 +255,12 @@ class LlamaCppProvider(Provider):
     def _generate(self, call: Call) -> Completion:
         """One chat completion; the caller holds the lock."""
         llama = self._llama
-        kwargs: dict[str, Any] = {
-            "messages": call.messages,
-            "max_tokens": call.max_tokens,
-            "temperature": call.temperature,
-        }
-        if call.seed is not None:
-            kwargs["seed"] = call.seed
         started = time.monotonic()
-        # Evaluate every prompt from scratch: reusing the KV cache of the previous call
-        # changes the numerics slightly, and the same greedy call could then give another
-        # answer. Reproducible answers matter more here than the saved prompt evaluation.
-        # (It also leaves no state behind from a call aborted half-way.)
-        llama.reset()
-        llama.deadline_hit = False
-        llama.deadline = call.deadline
+        self._prepare(llama, call)
         try:
-            result = llama.create_chat_completion(**kwargs)
-        except ValueError as exc:
-            raise self._input_failure(exc) from None
-        except RuntimeError as exc:  # llama_decode failed: aborted at the deadline, or worse
-            if llama.deadline_hit:
-                raise ProviderTimeout(
-                    f"prompt evaluation stopped at the deadline after "
-                    f"{time.monotonic() - started:.3g} s"
-                ) from None
-            logger.exception("llama.cpp failed", extra={"model": self.model})
-            raise ProviderFailure(f"llama.cpp failed: {exc}") from None
+            result = llama.create_chat_completion(**self._kwargs(call))
+        except (ValueError, RuntimeError) as exc:
+            raise self._call_failure(llama, exc, started) from None
         finally:
             llama.deadline = None
         if llama.deadline_hit:
@@ -298,6 +278,115 @@ class LlamaCppProvider(Provider):
             )
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise ProviderFailure(f"unexpected llama.cpp result: {exc!r}") from None
+
+    def stream(self, call: Call) -> Iterator[Chunk]:
+        """``create_chat_completion(stream=True)`` token by token, the model's lock held
+        from the first chunk until the stream ends or is closed (the client went away).
+
+        Under gevent each step runs in the native thread pool, like :meth:`complete`; a
+        greenlet killed during a step leaves the lock to be released when that step ends."""
+        if self._llama is None:
+            self.load()
+        remaining = call.remaining()
+        if remaining <= 0 or not self._lock.acquire(timeout=remaining):
+            raise ProviderTimeout("the model was busy with other calls until the deadline")
+        llama = self._llama
+        hub = _gevent_hub()
+        pending: Any = None
+        started = time.monotonic()
+        completion_tokens = 0
+        chunks: Any = None
+
+        def release(_: Any = None) -> None:
+            if chunks is not None:
+                chunks.close()
+            llama.deadline = None
+            self._lock.release()
+
+        try:
+            self._prepare(llama, call)
+            chunks = iter(llama.create_chat_completion(stream=True, **self._kwargs(call)))
+            while True:
+                try:
+                    if hub is None:
+                        item = next(chunks, None)
+                    else:
+                        pending = hub.threadpool.spawn(next, chunks, None)
+                        item = pending.get()
+                        pending = None
+                except (ValueError, RuntimeError) as exc:
+                    raise self._call_failure(llama, exc, started) from None
+                if item is None:
+                    break
+                if llama.deadline_hit:
+                    break
+                try:
+                    choice = item["choices"][0]
+                    text = choice.get("delta", {}).get("content") or ""
+                    finish_reason = choice.get("finish_reason")
+                except (KeyError, IndexError, TypeError, AttributeError) as exc:
+                    raise ProviderFailure(f"unexpected llama.cpp chunk: {exc!r}") from None
+                if text:
+                    completion_tokens += 1  # llama-cpp-python streams one token per chunk
+                    yield Chunk(text=text)
+                if finish_reason:
+                    yield Chunk(
+                        finish_reason=finish_reason,
+                        prompt_tokens=self._prompt_tokens(llama, completion_tokens),
+                        completion_tokens=completion_tokens,
+                    )
+                    return
+            if llama.deadline_hit:
+                raise ProviderTimeout(
+                    f"generation stopped at the deadline after {time.monotonic() - started:.3g} s"
+                )
+            raise ProviderFailure("llama.cpp ended the stream without a finish_reason")
+        finally:
+            if pending is not None and not pending.ready():
+                pending.rawlink(release)
+            else:
+                release()
+
+    @staticmethod
+    def _prompt_tokens(llama: Any, completion_tokens: int) -> int:
+        """llama-cpp-python's stream carries no usage, and the chat template is applied
+        inside it: the prompt's tokens are what the context holds minus the generated
+        ones (the last sampled token is not evaluated, so this may be one token short)."""
+        n_tokens = getattr(llama, "n_tokens", None)
+        return max(0, n_tokens - completion_tokens) if isinstance(n_tokens, int) else 0
+
+    def _kwargs(self, call: Call) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "messages": call.messages,
+            "max_tokens": call.max_tokens,
+            "temperature": call.temperature,
+        }
+        if call.seed is not None:
+            kwargs["seed"] = call.seed
+        return kwargs
+
+    @staticmethod
+    def _prepare(llama: Any, call: Call) -> None:
+        # Evaluate every prompt from scratch: reusing the KV cache of the previous call
+        # changes the numerics slightly, and the same greedy call could then give another
+        # answer. Reproducible answers matter more here than the saved prompt evaluation.
+        # (It also leaves no state behind from a call aborted half-way.)
+        llama.reset()
+        llama.deadline_hit = False
+        llama.deadline = call.deadline
+
+    def _call_failure(self, llama: Any, exc: Exception, started: float) -> Exception:
+        """What a ValueError (the prompt refused) or RuntimeError (llama_decode failed:
+        aborted at the deadline, or worse) from llama-cpp-python means."""
+        if isinstance(exc, ValueError):
+            return self._input_failure(exc)
+        if llama.deadline_hit:
+            return ProviderTimeout(
+                f"prompt evaluation stopped at the deadline after "
+                f"{time.monotonic() - started:.3g} s"
+            )
+        logger.error("llama.cpp failed: %s", exc, extra={"model": self.model})
+        return ProviderFailure(f"llama.cpp failed: {exc}")
 
     def _input_failure(self, exc: ValueError) -> ProviderFailure:
         """A prompt llama.cpp refuses (too long for the context, a chat template error)."""

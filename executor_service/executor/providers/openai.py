@@ -28,12 +28,16 @@ dispatcher's job, and a hidden retry would spend the caller's deadline twice.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
 import math
 import os
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -41,7 +45,15 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from ...config import ConfigError
-from .base import Call, Completion, Provider, ProviderFailure, ProviderRateLimited, ProviderTimeout
+from .base import (
+    Call,
+    Chunk,
+    Completion,
+    Provider,
+    ProviderFailure,
+    ProviderRateLimited,
+    ProviderTimeout,
+)
 from .ratelimit import limits_from_headers
 
 logger = logging.getLogger(__name__)
@@ -87,6 +99,27 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
+
+
+def _socket_of(response: requests.Response) -> Any:
+    """The socket a streamed response is read from. urllib3 keeps it on the connection,
+    unless http.client dropped it there (an answer that ends with the connection): then
+    only the response's file object still holds it. Private attributes, so checked by
+    the provider's tests (a trickling stream must stop at the deadline)."""
+    raw = response.raw
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is None:
+        fp = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock
+
+
+def _shut_down(sock: Any) -> None:
+    """End any read blocked on this socket (from another thread)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):  # already closed: nothing is blocked on it
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _error_excerpt(response: requests.Response) -> str:
@@ -216,6 +249,29 @@ class OpenAIProvider(Provider):
         return payload
 
     def complete(self, call: Call) -> Completion:
+        response = self._send(call, self._payload(call), stream=False)
+        with response:
+            if response.status_code != 200:
+                raise self._http_failure(response)
+            return self._parse(response)
+
+    def stream(self, call: Call) -> Iterator[Chunk]:
+        """The upstream's own server-sent events, re-read as chunks. The deadline bounds
+        the whole stream: before each read the socket's timeout is set to what is left,
+        so a slow trickle of bytes cannot stretch it. Closing this generator (the client
+        went away) closes the upstream response, which the upstream sees as a cancel."""
+        payload = self._payload(call)
+        payload["stream"] = True
+        # OpenAI, vLLM, Ollama and llama_cpp.server send usage in a last chunk when asked.
+        payload["stream_options"] = {"include_usage": True}
+        response = self._send(call, payload, stream=True)
+        with response:
+            if response.status_code != 200:
+                raise self._http_failure(response)
+            yield from self._read_stream(call, response)
+
+    def _send(self, call: Call, payload: dict[str, Any], *, stream: bool) -> requests.Response:
+        """POST the payload, the deadline bounding the connection and each read."""
         if self._session is None:
             self.load()
         session = self._session
@@ -229,11 +285,12 @@ class OpenAIProvider(Provider):
             # all at once at the end, so this is the deadline for the whole answer.
             # call.request_id is not sent as X-Request-ID: llama_cpp.server (starlette-context)
             # answers an empty 400 to any X-Request-ID that is not a UUID.
-            response = session.post(
+            return session.post(
                 self.url,
                 params=self.params,
-                json=self._payload(call),
+                json=payload,
                 timeout=(connect_timeout, remaining),
+                stream=stream,
                 # A redirect would turn the POST into a GET and could carry the key elsewhere.
                 allow_redirects=False,
             )
@@ -259,10 +316,95 @@ class OpenAIProvider(Provider):
             raise ProviderFailure(
                 f"request to {self.base_url} failed: {type(exc).__name__}"
             ) from None
-        with response:
-            if response.status_code != 200:
-                raise self._http_failure(response)
-            return self._parse(response)
+
+    def _read_stream(self, call: Call, response: requests.Response) -> Iterator[Chunk]:
+        # A read timeout bounds each wait for bytes, not the stream: an upstream that
+        # trickles a byte now and then would never time out. At the deadline a timer
+        # shuts the socket down, which ends the blocked read at once (as an end of stream
+        # or an error; either way the deadline has passed and this is a timeout).
+        watchdog = threading.Timer(
+            max(0.0, call.remaining()), _shut_down, args=(_socket_of(response),)
+        )
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            yield from self._events(call, response)
+        except ProviderFailure:
+            if call.remaining() <= 0:
+                raise ProviderTimeout(
+                    f"{self.base_url} was still streaming at the deadline"
+                ) from None
+            raise
+        finally:
+            watchdog.cancel()
+
+    def _events(self, call: Call, response: requests.Response) -> Iterator[Chunk]:
+        lines = response.iter_lines()
+        data: list[bytes] = []
+        finish_reason: str | None = None
+        prompt_tokens = completion_tokens = None
+        deltas = 0
+        while True:
+            if call.remaining() <= 0:
+                raise ProviderTimeout(f"{self.base_url} was still streaming at the deadline")
+            try:
+                line = next(lines, None)
+            except requests.RequestException as exc:
+                raise ProviderFailure(
+                    f"the stream from {self.base_url} broke: {type(exc).__name__}"
+                ) from None
+            if line is None:
+                break
+            # Server-sent events: "data:" lines make up an event, a blank line ends it;
+            # comments (":") and other fields (event, id, retry) carry nothing we use.
+            if line.startswith(b"data:"):
+                data.append(line[5:].removeprefix(b" "))
+                continue
+            if line or not data:
+                continue
+            event, data = b"\n".join(data), []
+            if event.strip() == b"[DONE]":
+                break
+            body = self._event_json(event)
+            usage = body.get("usage")
+            if isinstance(usage, dict):
+                prompt_tokens = usage.get("prompt_tokens")
+                completion_tokens = usage.get("completion_tokens")
+            for choice in body.get("choices") or []:
+                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta") or {}
+                text = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(text, str) and text:
+                    deltas += 1
+                    yield Chunk(text=text)
+                if isinstance(choice.get("finish_reason"), str):
+                    finish_reason = choice["finish_reason"]
+        if finish_reason is None:
+            raise ProviderFailure(f"the stream from {self.base_url} ended without a finish_reason")
+        # Servers that ignore stream_options (llama_cpp.server) send no usage: the
+        # completion is then counted as its deltas (one token each on those servers)
+        # and the prompt as unknown (0).
+        yield Chunk(
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
+            completion_tokens=completion_tokens if isinstance(completion_tokens, int) else deltas,
+        )
+
+    def _event_json(self, event: bytes) -> dict[str, Any]:
+        try:
+            body = json.loads(event)
+        except ValueError:
+            raise ProviderFailure(f"malformed event in the stream from {self.base_url}") from None
+        if not isinstance(body, dict):
+            raise ProviderFailure(f"malformed event in the stream from {self.base_url}")
+        error = body.get("error")
+        if error:
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            raise ProviderFailure(
+                f"upstream failed during the stream: {self._redact(str(message))[:EXCERPT_CHARS]}"
+            )
+        return body
 
     def _http_failure(self, response: requests.Response) -> ProviderFailure:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))

@@ -32,11 +32,13 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .base import (
     Call,
+    Chunk,
     Completion,
     Provider,
     ProviderFailure,
@@ -145,6 +147,35 @@ class SimulatedProvider(Provider):
             raise ProviderTimeout(f"simulated latency {latency:g} s exceeds the deadline")
         if latency > 0:
             time.sleep(latency)
+        return self._answer(call, fail)
+
+    def stream(self, call: Call) -> Iterator[Chunk]:
+        """The answer word by word, the latency spread evenly over the words; a failure
+        happens before the first word, a timeout at the deadline."""
+        charged = self._admit(call) if self.bucket is not None else 0
+        fail = self.error_rate > 0 and self._random.random() < self.error_rate
+        if fail and self.error_kind == "timeout":
+            time.sleep(max(0.0, call.remaining()))
+            raise ProviderTimeout("simulated timeout")
+        completion = self._answer(call, fail)
+        words = completion.output.split(" ")
+        pause = self._latency() / len(words)
+        for i, word in enumerate(words):
+            if pause > call.remaining():
+                time.sleep(max(0.0, call.remaining()))
+                raise ProviderTimeout(f"simulated stream passed the deadline after {i} words")
+            if pause > 0:
+                time.sleep(pause)
+            yield Chunk(text=word if i == 0 else " " + word)
+        if self.bucket is not None:
+            self.bucket.settle(charged, completion.prompt_tokens + completion.completion_tokens)
+        yield Chunk(
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+        )
+
+    def _answer(self, call: Call, fail: bool) -> Completion:
         if fail:
             if self.error_kind == "429":
                 raise ProviderRateLimited("simulated rate limit", retry_after_s=self.retry_after_s)
