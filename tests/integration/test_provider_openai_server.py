@@ -230,3 +230,70 @@ def test_execute_reports_a_remote_refusal_as_502_with_its_status(e2e_client: Fla
     assert error["code"] == "provider_error"
     assert error["details"]["provider_status"] == 400
     assert "context" in error["message"]
+
+
+def sse_data(text: str) -> list[Any]:
+    import json
+
+    blocks = [b for b in text.split("\n\n") if b]
+    assert all(b.startswith("data: ") for b in blocks), text[:300]
+    return [b[6:] if b[6:] == "[DONE]" else json.loads(b[6:]) for b in blocks]
+
+
+@pytest.mark.parametrize("model", ["smollm2-local", "smollm2-remote"])
+def test_v1_stream_gives_the_plain_answer_piece_by_piece(
+    e2e_client: FlaskClient, model: str
+) -> None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "What is 2+2?"}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    plain = e2e_client.post("/v1/chat/completions", json=body)
+    assert plain.status_code == 200, plain.get_json()
+    answer = plain.get_json()["choices"][0]["message"]["content"]
+    streamed = e2e_client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert streamed.status_code == 200
+    events = sse_data(streamed.get_data(as_text=True))
+    assert events[-1] == "[DONE]"
+    pieces = [e["choices"][0]["delta"].get("content", "") for e in events[:-1]]
+    assert len([p for p in pieces if p]) > 1
+    assert "".join(pieces) == answer
+    assert (
+        events[-2]["choices"][0]["finish_reason"] == plain.get_json()["choices"][0]["finish_reason"]
+    )
+
+
+@pytest.mark.parametrize("model", ["smollm2-local", "smollm2-remote"])
+def test_v1_stream_past_its_deadline_ends_with_an_error_event(
+    e2e_client: FlaskClient, model: str
+) -> None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+        "max_tokens": 400,
+        "stream": True,
+        "timeout_s": 1.5,
+    }
+    response = e2e_client.post("/v1/chat/completions", json=body)
+    if response.status_code == 504:  # the deadline passed before the first token
+        assert response.get_json()["error"]["code"] == "model_timeout"
+        return
+    events = sse_data(response.get_data(as_text=True))
+    assert "[DONE]" not in events
+    assert events[-1]["error"]["code"] == "model_timeout"
+
+
+def test_v1_stream_of_a_prompt_the_remote_refuses_is_a_502(e2e_client: FlaskClient) -> None:
+    response = e2e_client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "smollm2-remote",
+            "messages": [{"role": "user", "content": "hello " * 2000}],
+            "stream": True,
+        },
+    )
+    # llama_cpp.server answers such a stream 200 with no events at all
+    assert response.status_code == 502, response.get_data(as_text=True)
+    assert response.get_json()["error"]["code"] == "provider_error"
