@@ -366,6 +366,9 @@ def init_app(
 
     workbench.init_app(api)
     pages.init_app(app)
+    from . import openai_batch_api  # the OpenAI Batch API (/v1/files, /v1/batches)
+
+    openai_batch_api.init_app(app, api)
 
 
 def create_dispatcher_app(

@@ -1,0 +1,13 @@
+-- OpenAI Batch API objects (dispatcher/openai_batch.py): uploaded files and batches, by
+-- tenant. A batch's own state is its JSON body; its requests are ordinary jobs.
+CREATE TABLE openai_objects (
+    kind        TEXT NOT NULL CHECK (kind IN ('file', 'batch')),
+    id          TEXT NOT NULL,
+    tenant      TEXT NOT NULL,
+    created_at  DOUBLE PRECISION NOT NULL,
+    body        JSONB NOT NULL,
+    content     BYTEA,                            -- a file's bytes
+    PRIMARY KEY (kind, id)
+);
+
+CREATE INDEX openai_objects_tenant ON openai_objects (tenant, kind, created_at);
