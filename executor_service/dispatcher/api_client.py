@@ -112,6 +112,31 @@ class DispatcherAPI:
     def queue(self) -> dict[str, Any]:
         return self._request("GET", "/queue").json()
 
+    # -- the OpenAI Batch API (dispatcher/openai_batch_api.py) --------------------
+    def upload_batch_file(self, name: str, content: bytes) -> dict[str, Any]:
+        files = {"file": (name, content, "application/jsonl")}
+        return self._request("POST", "/v1/files", files=files, data={"purpose": "batch"}).json()
+
+    def create_batch(
+        self, file_id: str, regions: list[str] | None = None, failover: str | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }
+        if regions:
+            body["regions"] = regions
+        if failover:
+            body["failover"] = failover
+        return self._request("POST", "/v1/batches", json=body).json()
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/batches/{batch_id}").json()
+
+    def file_content(self, file_id: str) -> str:
+        return self._request("GET", f"/v1/files/{file_id}/content").text
+
 
 def api_from_env() -> DispatcherAPI:
     """A client of the API at ES_DISPATCHER_URL with the key in ES_DISPATCHER_KEY."""

@@ -3,9 +3,12 @@ ES_DISPATCHER_URL with the key in ES_DISPATCHER_KEY, and how they show a job:
 
     submit JOBFILE [--follow] [--idempotency-key K]   a JSON or TOML job; --follow shows a
                         progress bar per region and exits 0 only if every execution succeeded
+    submit BATCH.jsonl [--regions eu,us] [--failover none|any] [--follow]
+                        an OpenAI Batch API input file, as a batch (openai_commands.py)
     status JOB [--json]                               counts per region and state, progress, ETA
-    results JOB [--format table|json|csv|jsonl|compare|compare-csv]
-                        (jsonl and compare*: ``workbench_commands.py``, with jobs, cancel, retry)
+    results JOB [--format table|json|csv|jsonl|compare|compare-csv|openai-batch]
+                        (jsonl and compare*: ``workbench_commands.py``, with jobs, cancel, retry;
+                        openai-batch, or a batch_... id: ``openai_commands.py``)
 """
 
 from __future__ import annotations
@@ -149,12 +152,25 @@ def print_results_table(results: Mapping[str, Any], console: Any) -> None:
 @click.argument("jobfile")
 @click.option("--follow", is_flag=True, help="show live progress per region")
 @click.option("--idempotency-key", help="submitting twice gives the same job")
-def submit(jobfile: str, follow: bool, idempotency_key: str | None) -> None:
-    """Submit a job file (JSON or TOML; - reads JSON from stdin)."""
+@click.option("--regions", help="batch files: the regions every line runs in (eu,us)")
+@click.option("--failover", type=click.Choice(["none", "any"]), help="batch files")
+def submit(
+    jobfile: str,
+    follow: bool,
+    idempotency_key: str | None,
+    regions: str | None,
+    failover: str | None,
+) -> None:
+    """Submit a job file (JSON or TOML; - reads JSON from stdin), or an OpenAI Batch API
+    input file (``.jsonl``) as a batch."""
     from rich.console import Console
 
     console = Console()
     api = api_from_env()
+    if jobfile.endswith(".jsonl"):
+        from .openai_commands import submit_batch
+
+        sys.exit(submit_batch(api, jobfile, regions, failover, follow, console))
     job = api.submit(load_job_file(jobfile), idempotency_key)
     console.print(f"job {job['id']}: {job['total']} executions ({job['state']})")
     console.print(f"page: {api.page_url(job['id'])}", soft_wrap=True)
@@ -184,12 +200,14 @@ def status(job: str, as_json: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "json", "csv", "jsonl", "compare", "compare-csv"]),
+    type=click.Choice(["table", "json", "csv", "jsonl", "compare", "compare-csv", "openai-batch"]),
     default="table",
     show_default=True,
 )
 def results(job: str, fmt: str) -> None:
-    """A job's results (compare: the regions' answers side by side, in full)."""
+    """A job's results (compare: the regions' answers side by side, in full; openai-batch:
+    OpenAI Batch API output lines, the error lines after the answers; a batch_... id: the
+    batch's)."""
     from rich.console import Console
 
     from .workbench_commands import print_results
@@ -197,7 +215,11 @@ def results(job: str, fmt: str) -> None:
     if print_results(job, fmt):
         return
     api = api_from_env()
-    if fmt == "csv":
+    if fmt == "openai-batch" or job.startswith("batch_"):
+        from .openai_commands import print_batch_results
+
+        print_batch_results(api, job, fmt)
+    elif fmt == "csv":
         sys.stdout.write(api.results_csv(job))
     elif fmt == "json":
         click.echo(json.dumps(api.results(job), indent=2))

@@ -67,8 +67,8 @@ class MemoryObjects(ObjectStore):
 
     def update_body(self, tenant: str, kind: str, object_id: str, body: dict[str, Any]) -> None:
         with self._lock:
-            obj = self.objects[(kind, object_id)]
-            if obj.tenant == tenant:
+            obj = self.objects.get((kind, object_id))
+            if obj is not None and obj.tenant == tenant:
                 self.objects[(kind, object_id)] = replace(obj, body=body)
 
     def list(self, tenant: str, kind: str) -> list[StoredObject]:
