@@ -169,6 +169,7 @@ def execution_view(e: Execution) -> dict[str, Any]:
         "usage": result.get("usage"),
         "timing": result.get("timing"),
         "replica": result.get("replica"),
+        "reused_from": result.get("reused_from"),
         "created_at": e.created_at,
         "finished_at": e.finished_at,
     }

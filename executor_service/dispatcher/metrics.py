@@ -141,3 +141,9 @@ DEADLINE_EXCEEDED = Counter(
     "dispatcher_deadline_exceeded_total",
     "Executions ended dead because their job's deadline passed.",
 )
+REUSED = Counter(
+    "dispatcher_reused_total",
+    "Executions answered with an identical earlier call's answer (params.reuse), by region;"
+    " not in dispatcher_calls_total.",
+    ["region"],
+)

@@ -85,8 +85,16 @@ class Recorder:
         return written
 
     def record(
-        self, claim: Claim, result: CallResult, started: float, finished: float, log: dict[str, Any]
+        self,
+        claim: Claim,
+        result: CallResult,
+        started: float,
+        finished: float,
+        log: dict[str, Any],
+        reused: bool = False,
     ) -> None:
+        """``reused``: an earlier call's answer (reuse.py), no call made: no AIMD step,
+        and the tokens reserved for it are given back."""
         name = self.region.name
         budget = self.region.budget(claim.model)
         if result.ok:
@@ -95,8 +103,13 @@ class Recorder:
                 claim.execution_id, claim.token, result.body, finished, started
             )
             if written:
-                logger.info("call succeeded", extra=log)
-            self._after_success(claim, result.body, finished)
+                logger.info("call succeeded", extra={**log, "reused": reused})
+            if not reused:
+                self._after_success(claim, result.body, finished)
+            elif claim.reserved_tokens and budget.tpm is not None:
+                self.pace(
+                    claim, lambda p: pacing.settle(p, budget, claim.reserved_tokens, 0, finished)
+                )
         elif result.outcome is Outcome.DEFERRED:
             written = self._defer(claim, result, started, finished, log)
         else:

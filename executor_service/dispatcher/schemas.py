@@ -78,6 +78,13 @@ class JobParamsSchema(Schema):
         validate=validate.Range(min=0.001, max=3600),
         metadata={"description": "per call; default: the region's timeout_s"},
     )
+    reuse = fields.Boolean(
+        metadata={
+            "description": "take the answer of an identical earlier call (same tenant, region, "
+            "model, question and parameters) when temperature is 0 or a seed is given; "
+            "errors are never reused. Off by default (see README)"
+        }
+    )
 
 
 class JobRequestSchema(Schema):
@@ -265,6 +272,10 @@ class ExecutionSchema(Schema):
     usage = fields.Dict(allow_none=True)
     timing = fields.Dict(allow_none=True, metadata={"description": "the executor's timing"})
     replica = fields.String(allow_none=True)
+    reused_from = fields.Dict(
+        allow_none=True,
+        metadata={"description": "params.reuse: the execution whose answer this is"},
+    )
     created_at = fields.Float()
     finished_at = fields.Float(allow_none=True)
 

@@ -1,5 +1,5 @@
-"""Stored objects of the OpenAI Batch API: uploaded files and batches, one table
-(``openai_objects``, migration 0002) beside the jobs.
+"""Stored objects of the OpenAI Batch API (uploaded files and batches) and the answers kept
+for reuse (``reuse.py``): one table (``openai_objects``, migration 0002) beside the jobs.
 
 Kept out of the :class:`~.base.Store` interface on purpose for now: a batch's requests
 are ordinary jobs of the store, and what is left is four key-value operations on a
@@ -20,7 +20,7 @@ from .base import Store
 
 @dataclass(frozen=True)
 class StoredObject:
-    kind: str  # "file" | "batch"
+    kind: str  # "file" | "batch" | "call" (reuse.py)
     id: str
     tenant: str
     created_at: float
@@ -31,7 +31,7 @@ class StoredObject:
 class ObjectStore(ABC):
     @abstractmethod
     def put(self, obj: StoredObject) -> None:
-        """Insert a new object (its kind and id are new)."""
+        """Insert the object, unless one of its kind and id exists (then the first stays)."""
 
     @abstractmethod
     def get(
@@ -55,7 +55,7 @@ class MemoryObjects(ObjectStore):
 
     def put(self, obj: StoredObject) -> None:
         with self._lock:
-            self.objects[(obj.kind, obj.id)] = obj
+            self.objects.setdefault((obj.kind, obj.id), obj)
 
     def get(
         self, tenant: str, kind: str, object_id: str, content: bool = False
@@ -82,7 +82,8 @@ class MemoryObjects(ObjectStore):
 
 QUERIES = {
     "put": "INSERT INTO openai_objects (kind, id, tenant, created_at, body, content) "
-    "VALUES (:kind, :id, :tenant, :created_at, :body, :content)",
+    "VALUES (:kind, :id, :tenant, :created_at, :body, :content) "
+    "ON CONFLICT (kind, id) DO NOTHING",
     "get": "SELECT kind, id, tenant, created_at, body{content} FROM openai_objects "
     "WHERE kind = :kind AND id = :id AND tenant = :tenant",
     "update_body": "UPDATE openai_objects SET body = :body "
