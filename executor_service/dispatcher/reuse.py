@@ -1,7 +1,8 @@
 """Reuse of identical calls: a job that asks for it (``params.reuse: true``) takes the answer
 an earlier reusing job already got for the same call, instead of calling the executor again.
 
-The key is (tenant, region the call runs in, model, question, parameters): never across
+The key is (tenant, region the call runs in, model, question or chat messages, sample,
+parameters): never across
 tenants, never across regions (a region's answer is what is being compared), and the
 parameters include max_tokens, temperature and seed. Only a call that should give the
 same answer again is reused: temperature 0 (the executor's default) or a seed given.
@@ -49,8 +50,10 @@ def call_key(claim: Claim) -> str:
         "region": claim.region,
         "model": claim.model,
         "question": claim.question,
-        # the chat messages of the call, when the job model has them
+        # the chat messages of the call and its sample number (sample N of a seeded job
+        # runs with seed + N), when the job model has them
         "messages": getattr(claim, "messages", None),
+        "sample": getattr(claim, "sample", 0),
         "params": params,
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
