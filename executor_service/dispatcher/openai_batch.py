@@ -229,6 +229,23 @@ def selection(
     return requested or None, Failover(failover)
 
 
+def wants_reuse(metadata: Mapping[str, Any] | None, extra: Mapping[str, Any]) -> bool:
+    """Reuse of identical calls (``reuse.py``): the extra field ``reuse``, else
+    ``metadata["reuse"]`` ("true" / "false"). Raises ValidationFailed."""
+    value = extra.get("reuse")
+    if value is None:
+        value = (metadata or {}).get("reuse")
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in {"true", "false"}:
+        return value.lower() == "true"
+    raise ValidationFailed(details={"reuse": ["true or false"]})
+
+
+def with_reuse(lines: list[BatchLine]) -> list[BatchLine]:
+    return [dataclasses.replace(line, params={**line.params, "reuse": True}) for line in lines]
+
+
 def plan_jobs(
     batch_id: str,
     tenant: str,

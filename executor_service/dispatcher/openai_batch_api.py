@@ -66,6 +66,10 @@ class BatchCreateSchema(Schema):
     failover = fields.String(
         load_default=None, metadata={"description": "ours: none (default) or any"}
     )
+    reuse = fields.Raw(
+        load_default=None,
+        metadata={"description": "ours: reuse identical earlier calls (README), default false"},
+    )
 
 
 class BatchListQuerySchema(Schema):
@@ -108,6 +112,7 @@ class BatchSchema(Schema):
     metadata = fields.Dict(allow_none=True)
     regions = fields.List(fields.String(), allow_none=True)
     failover = fields.String()
+    reuse = fields.Boolean()
 
 
 class BatchListSchema(Schema):
@@ -293,6 +298,7 @@ def create_batch(body: dict[str, Any]) -> dict[str, Any]:
             f"no file {body['input_file_id']!r}", details={"input_file_id": body["input_file_id"]}
         )
     requested, failover = ob.selection(body["metadata"], body)
+    reuse = ob.wants_reuse(body["metadata"], body)
     if requested is not None:
         unknown = [r for r in requested if r not in st.regions]
         if unknown:
@@ -324,10 +330,13 @@ def create_batch(body: dict[str, Any]) -> dict[str, Any]:
         "metadata": body["metadata"],
         "regions": requested,
         "failover": failover.value,
+        "reuse": reuse,
     }
     lines, errors = ob.parse_lines(
         file.content, st.regions, requested, st.settings.max_job_questions
     )
+    if reuse:
+        lines = ob.with_reuse(lines)
     planned = (
         [] if errors else ob.plan_jobs(batch_id, g.tenant, lines, st.regions, requested, failover)
     )

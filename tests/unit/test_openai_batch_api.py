@@ -352,3 +352,11 @@ def test_openapi_documents_the_batch_routes(env: Env) -> None:
     ):
         assert path in spec["paths"], path
     assert "multipart/form-data" in spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]
+
+
+def test_reuse_is_asked_in_metadata_and_reaches_the_jobs(env: Env) -> None:
+    batch = env.batch(env.upload([line("a", "x", temperature=0)]), metadata={"reuse": "true"})
+    assert batch.get_json()["reuse"] is True
+    [job] = env.store.jobs.values()
+    assert job.job.params == {"temperature": 0, "reuse": True}
+    assert env.batch(env.upload([line("a", "x")]), reuse="perhaps").status_code == 422
