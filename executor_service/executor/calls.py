@@ -167,6 +167,9 @@ class Stream:
             err = _api_error(exc, self.mc, self.provider, self.budget)
             self.status = err.status
             raise err from None
+        except Exception:
+            self.status = 500  # a bug: the caller logs it and ends the stream
+            raise
 
     def _finish(self, chunk: Chunk) -> None:
         self.status, self.finished = 200, True

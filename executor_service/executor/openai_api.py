@@ -21,15 +21,17 @@ the response and the ``finally`` below frees the model and the slot.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import sentry_sdk
 from flask import Flask, Response, g, jsonify
 from flask_smorest import Blueprint
 
 from .. import openai_errors
-from ..errors import APIError, UnknownModel
+from ..errors import APIError, Internal, UnknownModel
 from ..openai_errors import openai_error_body
 from .api import CALL_ENDPOINTS, request_id, state
 from .calls import ModelCall, Stream, open_stream, run_call
@@ -42,6 +44,8 @@ from .openai_schemas import (
     OpenAIModelListSchema,
     OpenAIModelSchema,
 )
+
+logger = logging.getLogger(__name__)
 
 blp = Blueprint(
     "openai",
@@ -173,6 +177,12 @@ def _events(stream: Stream, created: int, include_usage: bool) -> Iterator[str]:
         yield "data: [DONE]\n\n"
     except APIError as err:
         yield f"data: {json.dumps(openai_error_body(err), separators=(',', ':'))}\n\n"
+    except Exception:
+        # A bug after the answer started: the status line is sent, so the client learns
+        # it from an error event (no trace); the trace goes to the log and to Sentry.
+        logger.exception("stream failed", extra={"request_id": stream.mc.request_id})
+        sentry_sdk.capture_exception()
+        yield f"data: {json.dumps(openai_error_body(Internal()), separators=(',', ':'))}\n\n"
     finally:
         stream.close()
 

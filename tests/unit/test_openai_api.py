@@ -312,3 +312,26 @@ def test_openapi_documents_the_v1_routes(client: FlaskClient) -> None:
     assert {"model", "messages", "max_tokens", "temperature", "seed", "stream"} <= set(request)
     responses = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"200", "404", "422", "502", "503", "504"} <= set(responses)
+
+
+def test_a_bug_in_the_middle_of_a_stream_ends_it_with_an_internal_error_event(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    from executor_service.executor.providers import Chunk
+
+    def broken(call: Any) -> Any:
+        yield Chunk(text="half")
+        raise RuntimeError("secret internals")
+
+    provider = app.extensions["executor"].catalog.provider("sim")
+    monkeypatch.setattr(provider, "stream", broken)
+    before = requests_total("sim", 500)
+    r = chat(client, stream=True)
+    assert r.status_code == 200
+    got = events(r)
+    assert got[1]["choices"][0]["delta"]["content"] == "half"
+    assert got[-1]["error"]["code"] == "internal"
+    assert "secret internals" not in r.get_data(as_text=True)
+    assert app.extensions["executor"].admission.in_flight == 0
+    assert requests_total("sim", 500) == before + 1
+    assert "stream failed" in caplog.text
