@@ -3,6 +3,10 @@
     app.py              create_app (also ``executor_service.create_app``, for ``wsgi:app``)
     config.py           ExecutorSettings: catalog, admission, call deadline
     api.py, schemas.py  the routes (``POST /execute``, /ready, /models) and their schemas
+    calls.py            the one call path under /execute and /v1: deadline, admission,
+                        provider errors -> the contract's, metrics; streamed calls too
+    openai_api.py,      the OpenAI-compatible routes (``POST /v1/chat/completions``,
+    openai_schemas.py   ``GET /v1/models``): shapes only, on calls.py
     catalog.py          the model catalog (TOML) -> providers
     admission.py        calls in flight per process (503 overloaded beyond)
     metrics.py          Prometheus metrics (``executor_*``)
