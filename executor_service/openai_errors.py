@@ -29,18 +29,18 @@ ERROR_TYPES = {
 }
 
 
-def _flatten(messages: Any, path: str = "") -> list[tuple[str, str]]:
+def flatten_messages(messages: Any, path: str = "") -> list[tuple[str, str]]:
     """marshmallow's nested messages as (dotted.field, message) pairs."""
     if isinstance(messages, dict):
         out: list[tuple[str, str]] = []
         for key, value in messages.items():
             name = str(key) if key != "_schema" else ""
-            out += _flatten(value, f"{path}.{name}".strip(".") if name else path)
+            out += flatten_messages(value, f"{path}.{name}".strip(".") if name else path)
         return out
     if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
         return [(path, " ".join(messages))]
     if isinstance(messages, list):
-        return [pair for m in messages for pair in _flatten(m, path)]
+        return [pair for m in messages for pair in flatten_messages(m, path)]
     return [(path, str(messages))]
 
 
@@ -49,7 +49,7 @@ def openai_error_body(err: APIError) -> dict[str, Any]:
     param: str | None = None
     message = err.message
     if err.status == 422 and err.details:
-        pairs = _flatten(err.details)
+        pairs = flatten_messages(err.details)
         param = next((name for name, _ in pairs if name), None)
         message = "; ".join(f"{name}: {text}" if name else text for name, text in pairs)
     kind = ERROR_TYPES.get(err.status, "server_error" if err.status >= 500 else "invalid_request")

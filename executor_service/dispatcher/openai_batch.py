@@ -38,6 +38,7 @@ from ..executor.openai_schemas import (
     OPENAI_DEFAULT_TEMPERATURE,
     ChatCompletionRequestSchema,
 )
+from ..openai_errors import flatten_messages
 from .jobs import regions_by_model
 from .regions import Regions
 from .store.base import Execution, Failover, NewJob, State, Store
@@ -83,9 +84,7 @@ def new_id(prefix: str) -> str:
 
 
 def _flat(messages: Any) -> str:
-    from ..openai_errors import _flatten
-
-    return "; ".join(f"{k}: {v}" if k else v for k, v in _flatten(messages))
+    return "; ".join(f"{k}: {v}" if k else v for k, v in flatten_messages(messages))
 
 
 def parse_lines(
