@@ -67,16 +67,17 @@ def print_batch_results(api: DispatcherAPI, ident: str, fmt: str) -> None:
             if batch.get(key):
                 sys.stdout.write(api.file_content(batch[key]))
         return
-    for line in job_lines(api.results(ident)):
+    # every execution (the client joins the result pages)
+    for line in job_lines(ident, api.results(ident)["executions"]):
         click.echo(json.dumps(line, ensure_ascii=False))
 
 
-def job_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
+def job_lines(job_id: str, executions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A job's final executions as Batch output lines (answers first, then errors)."""
     answers, errors = [], []
-    for e in results["executions"]:
+    for e in executions:
         base = {
-            "id": f"batch_req_{results['job_id'][:12]}_{e['id']}",
+            "id": f"batch_req_{job_id[:12]}_{e['id']}",
             "custom_id": str(e["question_index"]),
             "region": e["requested_region"],
             "executed_region": e["executed_region"],

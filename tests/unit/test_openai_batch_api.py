@@ -360,3 +360,29 @@ def test_reuse_is_asked_in_metadata_and_reaches_the_jobs(env: Env) -> None:
     [job] = env.store.jobs.values()
     assert job.job.params == {"temperature": 0, "reuse": True}
     assert env.batch(env.upload([line("a", "x")]), reuse="perhaps").status_code == 422
+
+
+def test_a_system_prompt_and_a_conversation_are_sent_as_chat_messages(env: Env) -> None:
+    from executor_service.dispatcher.openai_batch import JOB_MESSAGES
+
+    messages = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    chat = line("c", "unused")
+    chat["body"]["messages"] = messages
+    batch = env.batch(env.upload([chat, line("p", "plain")]), regions=["us"]).get_json()
+    if not JOB_MESSAGES:  # jobs without chat messages: refused by line, never flattened
+        assert batch["status"] == "failed"
+        assert [(e["line"], e["param"]) for e in batch["errors"]["data"]] == [(1, "body.messages")]
+        return
+    assert batch["status"] == "in_progress"
+    [job] = env.store.jobs.values()
+    new = job.job
+    assert new.questions == ["And of Italy?", "plain"]
+    spec = env.regions["us"].spec()
+    claims = env.store.claim(ClaimRequest(spec, 10, env.clock.now, 30, "w", 10))
+    sent = {c.question: getattr(c, "messages", None) for c in claims}
+    assert sent == {"And of Italy?": messages, "plain": None}
