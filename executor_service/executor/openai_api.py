@@ -102,7 +102,7 @@ def chat_completions(body: dict[str, Any]) -> Response:
         include_usage = bool((body["stream_options"] or {}).get("include_usage"))
         events = _events(stream, created, include_usage, request.environ.get("gunicorn.socket"))
         return Response(
-            events,
+            _Body(events, stream),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -144,7 +144,27 @@ def chat_completions(body: dict[str, Any]) -> Response:
     )
 
 
-def _events(stream: Stream, created: int, include_usage: bool, sock: Any = None) -> Iterator[str]:
+class _Body:
+    """The response body: the events, and a ``close`` the server always calls (WSGI) that
+    also closes the stream, so its slot is freed even if the body was never iterated
+    (a generator that never started ignores ``close``)."""
+
+    def __init__(self, events: Generator[str, None, None], stream: Stream) -> None:
+        self.events, self.stream = events, stream
+
+    def __iter__(self) -> Iterator[str]:
+        return self.events
+
+    def close(self) -> None:
+        try:
+            self.events.close()
+        finally:
+            self.stream.close()
+
+
+def _events(
+    stream: Stream, created: int, include_usage: bool, sock: Any = None
+) -> Generator[str, None, None]:
     """The SSE body. Runs after the view returned, outside the request context: it uses
     only what it is given. Its ``finally`` runs when the stream ends, fails, or is closed
     by the server because the client went away.

@@ -335,3 +335,23 @@ def test_a_bug_in_the_middle_of_a_stream_ends_it_with_an_internal_error_event(
     assert app.extensions["executor"].admission.in_flight == 0
     assert requests_total("sim", 500) == before + 1
     assert "stream failed" in caplog.text
+
+
+def test_a_stream_closed_before_its_body_is_read_frees_its_slot(
+    one_slot_client: tuple[Flask, FlaskClient],
+) -> None:
+    # As a WSGI server could: take the body and close it without iterating (the test
+    # client always reads the first chunk, so call the app directly).
+    from werkzeug.test import EnvironBuilder
+
+    app, _ = one_slot_client
+    body = {"model": "sim", "messages": HELLO, "stream": True}
+    environ = EnvironBuilder(path="/v1/chat/completions", method="POST", json=body).get_environ()
+    statuses: list[str] = []
+    app_iter = app.wsgi_app(environ, lambda status, headers: statuses.append(status))
+    assert statuses == ["200 OK"]
+    assert app.extensions["executor"].admission.in_flight == 1
+    before = requests_total("sim", 499)
+    app_iter.close()  # type: ignore[attr-defined]
+    assert app.extensions["executor"].admission.in_flight == 0
+    assert requests_total("sim", 499) == before + 1  # closed as a stream: counted, logged
