@@ -386,3 +386,26 @@ def test_a_system_prompt_and_a_conversation_are_sent_as_chat_messages(env: Env) 
     claims = env.store.claim(ClaimRequest(spec, 10, env.clock.now, 30, "w", 10))
     sent = {c.question: getattr(c, "messages", None) for c in claims}
     assert sent == {"And of Italy?": messages, "plain": None}
+
+
+def test_a_file_over_the_body_limit_is_413_in_openai_shape(tmp_path: Path) -> None:
+    regions = tmp_path / "regions.toml"
+    regions.write_text(REGIONS_TOML)
+    settings = DispatcherSettings.from_env(
+        environ={
+            "ES_REGIONS_FILE": str(regions),
+            "ES_DATABASE_URL": "memory://",
+            "ES_API_KEYS": "alice:key-a",
+            "ES_MAX_BODY_BYTES": "2000",
+        }
+    )
+    app = create_dispatcher_app({"TESTING": True}, settings=settings, store=MemoryStore())
+    r = app.test_client().post(
+        "/v1/files",
+        data={"purpose": "batch", "file": (io.BytesIO(b"x" * 5000), "big.jsonl")},
+        headers=ALICE,
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 413
+    assert r.get_json()["error"]["code"] == "payload_too_large"
+    assert r.get_json()["error"]["type"] == "invalid_request_error"
