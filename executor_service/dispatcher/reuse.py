@@ -25,6 +25,7 @@ import json
 import logging
 from typing import Any
 
+from . import metrics
 from .client import CallResult, Outcome
 from .scheduler import Clock
 from .store.base import Claim, Store
@@ -83,7 +84,18 @@ class CallReuse:
         }
         return CallResult(Outcome.SUCCESS, body=body)
 
-    def remember(self, claim: Claim, result: CallResult, request_id: str) -> None:
+    def count(self, claim: Claim, result: CallResult, reused: bool, elapsed_s: float) -> None:
+        """After a claim ran: a real call is counted in the calls metrics (and its answer
+        remembered for reuse), a reused answer only in ``dispatcher_reused_total``."""
+        region = claim.region
+        if reused:
+            metrics.REUSED.labels(region).inc()
+            return
+        metrics.CALLS.labels(region, result.outcome.value).inc()
+        metrics.CALL_SECONDS.labels(region).observe(max(0.0, elapsed_s))
+        self.remember(claim, result)
+
+    def remember(self, claim: Claim, result: CallResult) -> None:
         """Keep a real, successful answer of a reusing job (the first one wins)."""
         if not (result.ok and result.body is not None and wanted(claim)):
             return
@@ -91,7 +103,7 @@ class CallReuse:
             "result": result.body,
             "execution_id": claim.execution_id,
             "job_id": claim.job_id,
-            "request_id": request_id,
+            "request_id": result.body.get("request_id"),  # the executor echoes the call's id
         }
         key = call_key(claim)
         objects_for(self.store).put(StoredObject("call", key, claim.tenant, self.clock(), body))

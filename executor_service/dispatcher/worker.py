@@ -319,12 +319,7 @@ class RegionWorker:
                     error={"code": "dispatcher_error", "message": f"{type(exc).__name__}: {exc}"},
                 )
             finished = self.clock()
-            if reused is None:
-                metrics.CALLS.labels(name, result.outcome.value).inc()
-                metrics.CALL_SECONDS.labels(name).observe(max(0.0, finished - started))
-                self.reuse.remember(claim, result, request_id_for(claim))
-            else:
-                metrics.REUSED.labels(name).inc()
+            self.reuse.count(claim, result, reused is not None, finished - started)
             self.recorder.record(claim, result, started, finished, log, reused=reused is not None)
         except StoreError:
             # The store failed: the lease expires and the reaper gives it back.

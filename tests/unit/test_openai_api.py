@@ -153,7 +153,8 @@ def test_errors_keep_the_status_codes_of_execute(client: FlaskClient) -> None:
     err = assert_openai_error(chat(client, model="sim-5xx"), 502, "provider_error")
     assert err["type"] == "server_error" and err["details"]["provider_status"] == 500
     r = chat(client, model="sim-429")
-    err = assert_openai_error(r, 502, "provider_error")
+    err = assert_openai_error(r, 429, "rate_limited")  # the client's RateLimitError
+    assert err["type"] == "rate_limit_error" and err["details"]["retry_after_s"] == 7
     assert r.headers["Retry-After"] == "7"
     err = assert_openai_error(chat(client, model="sim-slow", timeout_s=0.05), 504, "model_timeout")
     assert err["details"]["timeout_s"] == 0.05
