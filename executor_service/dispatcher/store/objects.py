@@ -1,5 +1,5 @@
 """Stored objects of the OpenAI Batch API (uploaded files and batches) and the answers kept
-for reuse (``reuse.py``): one table (``openai_objects``, migration 0003) beside the jobs.
+for reuse (``reuse.py``): one table (``openai_objects``, migration 0004) beside the jobs.
 
 Kept out of the :class:`~.base.Store` interface on purpose for now: a batch's requests
 are ordinary jobs of the store, and what is left is four key-value operations on a
