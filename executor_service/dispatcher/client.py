@@ -58,6 +58,7 @@ class CallResult:
     error: dict[str, Any] | None = None
     retry_after_s: float | None = None
     elapsed_s: float = 0.0
+    reused: bool = False  # an earlier identical call's answer (reuse.py): no call was made
 
     @property
     def ok(self) -> bool:

@@ -17,6 +17,7 @@ from . import metrics, pacing, rules
 from .client import CallResult, Outcome
 from .pacing import Pace
 from .regions import Region
+from .reuse import CallReuse
 from .runtime import Wakeup
 from .scheduler import Clock, RetryScheduler
 from .store.base import Claim, Store
@@ -39,6 +40,7 @@ class Recorder:
     ) -> None:
         self.region = region
         self.store = store
+        self.reuse = CallReuse(store, clock)  # jobs with params.reuse: looked up before a call
         self.retries = retries
         self.clock = clock
         self.wakeup = wakeup
@@ -85,16 +87,12 @@ class Recorder:
         return written
 
     def record(
-        self,
-        claim: Claim,
-        result: CallResult,
-        started: float,
-        finished: float,
-        log: dict[str, Any],
-        reused: bool = False,
+        self, claim: Claim, result: CallResult, started: float, finished: float, log: dict[str, Any]
     ) -> None:
-        """``reused``: an earlier call's answer (reuse.py), no call made: no AIMD step,
-        and the tokens reserved for it are given back."""
+        """Count the call (or the reuse) and write its outcome. A reused answer
+        (``result.reused``, reuse.py) made no call: no AIMD step, its tokens given back."""
+        self.reuse.count(claim, result, finished - started)
+        reused = result.reused
         name = self.region.name
         budget = self.region.budget(claim.model)
         if result.ok:

@@ -82,13 +82,13 @@ class CallReuse:
             "job_id": found.body["job_id"],
             "request_id": found.body["request_id"],
         }
-        return CallResult(Outcome.SUCCESS, body=body)
+        return CallResult(Outcome.SUCCESS, body=body, reused=True)
 
-    def count(self, claim: Claim, result: CallResult, reused: bool, elapsed_s: float) -> None:
+    def count(self, claim: Claim, result: CallResult, elapsed_s: float) -> None:
         """After a claim ran: a real call is counted in the calls metrics (and its answer
         remembered for reuse), a reused answer only in ``dispatcher_reused_total``."""
         region = claim.region
-        if reused:
+        if result.reused:
             metrics.REUSED.labels(region).inc()
             return
         metrics.CALLS.labels(region, result.outcome.value).inc()

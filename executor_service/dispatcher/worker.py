@@ -41,7 +41,6 @@ from .config import DispatcherSettings
 from .jobs import call_params
 from .recording import Recorder
 from .regions import Region, Regions
-from .reuse import CallReuse
 from .rules import ClaimRequest
 from .runtime import DaemonPool, Pool, ThreadWakeup, Wakeup
 from .scheduler import BackoffPolicy, Clock, RetryScheduler
@@ -140,7 +139,6 @@ class RegionWorker:
         self.clock = clock
         self.worker_id = worker_id
         self.on_retry_scheduled = on_retry_scheduled
-        self.reuse = CallReuse(store, clock)  # jobs with params.reuse (reuse.py)
         self.circuits = ModelCircuits(
             region, store, config, clock, lambda m, p: self.recorder.paces.__setitem__(m, p)
         )
@@ -299,7 +297,6 @@ class RegionWorker:
         log.update(attempt=claim.attempt, region=name, model=claim.model)
         started = self.clock()
         result: CallResult | None = None
-        reused: CallResult | None = None
         try:
             if rules.past_deadline(claim.deadline_at, started):
                 # Claimed as its job's deadline passed: no call. Given back (no attempt,
@@ -307,9 +304,9 @@ class RegionWorker:
                 self.store.release(claim.execution_id, claim.token, started)
                 self.store.expire_deadlines(started, job_ids=[claim.job_id])
                 return
-            reused = self.reuse.lookup(claim)
+            result = self.recorder.reuse.lookup(claim)  # an identical earlier call's answer
             try:
-                result = reused or self.client.execute(
+                result = result or self.client.execute(
                     claim.model, claim.question, request_id_for(claim), call_params(claim)
                 )
             except Exception as exc:  # a bug in the client, not the executor's answer
@@ -319,13 +316,12 @@ class RegionWorker:
                     error={"code": "dispatcher_error", "message": f"{type(exc).__name__}: {exc}"},
                 )
             finished = self.clock()
-            self.reuse.count(claim, result, reused is not None, finished - started)
-            self.recorder.record(claim, result, started, finished, log, reused=reused is not None)
+            self.recorder.record(claim, result, started, finished, log)
         except StoreError:
             # The store failed: the lease expires and the reaper gives it back.
             logger.exception("recording the result failed", extra=log)
         finally:
-            if result is not None and reused is None:  # a reused answer says nothing of health
+            if result is not None and not result.reused:  # a reused answer tells no health
                 self.circuits[claim.model].record(result.verdict)
             with self._cond:
                 self._inflight.pop(claim.execution_id, None)
