@@ -65,6 +65,7 @@ soak: install
 bench: install
 	$(PY) bench/executor_overhead.py
 	$(PY) bench/executor_concurrency.py
+	$(PY) bench/executor_hostile.py --also-gthread
 
 .PHONY: image image-test
 

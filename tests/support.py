@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -144,3 +146,47 @@ class Gunicorn:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class HostileClients:
+    """Idle and slowloris connections held open against a server (target E4).
+
+    ``idle`` sockets connect and send nothing; ``slowloris`` ones send a request line
+    and then one header byte every ``drip_s`` seconds, never finishing the headers.
+    Used as a context manager; a background thread keeps the slow clients dripping.
+    """
+
+    def __init__(self, port: int, idle: int = 64, slowloris: int = 16, drip_s: float = 1.0) -> None:
+        self.port, self.n_idle, self.n_slow, self.drip_s = port, idle, slowloris, drip_s
+        self.sockets: list[socket.socket] = []
+        self._slow: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drip, daemon=True)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self.sockets.append(sock)
+        return sock
+
+    def __enter__(self) -> HostileClients:
+        for _ in range(self.n_idle):
+            self._connect()
+        for _ in range(self.n_slow):
+            sock = self._connect()
+            sock.sendall(b"POST /execute HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            self._slow.append(sock)
+        self._thread.start()
+        return self
+
+    def _drip(self) -> None:
+        while not self._stop.wait(self.drip_s):
+            for sock in self._slow:
+                with contextlib.suppress(OSError):
+                    sock.send(b"X")
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()

@@ -185,7 +185,9 @@ def init_app(app: Flask, settings: ExecutorSettings, api: Any) -> None:
     catalog = Catalog.load(settings.catalog_path)
     limit = settings.max_in_flight or 8
     app.extensions["executor"] = ExecutorState(
-        settings=settings, catalog=catalog, admission=Admission(limit, settings.retry_after_s)
+        settings=settings,
+        catalog=catalog,
+        admission=Admission(limit, settings.retry_after_s, settings.admission_dir),
     )
     app.after_request(_observe)
     api.register_blueprint(blp)
