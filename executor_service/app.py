@@ -12,7 +12,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify
 from flask_smorest import Api
 
-from . import __version__, apidocs, auth, errors, observability
+from . import __version__, apidocs, auth, errors, jsonbody, observability
 from .config import CommonSettings
 
 
@@ -42,9 +42,18 @@ def base_app(
     api = Api(app)
     errors.register_error_handlers(app)  # after Api, which installs its own
 
+    @app.after_request
+    def _security_headers(response: Response) -> Response:
+        # Answers hold prompts and outputs: no MIME sniffing, no cache on the way keeps them.
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
     @app.before_request
     def _start_clock() -> None:
         g.started = time.monotonic()
+
+    jsonbody.init_app(app)  # after the clock: its chunked-body check may answer 413
 
     auth.init_app(app, auth.KeyRing.from_settings(settings))
     apidocs.init_app(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -10,18 +11,24 @@ from typing import Any
 
 import sentry_sdk
 from flask import Flask, Response, current_app, g, jsonify, request
-from flask_smorest import Blueprint
 
-from ..errors import NotReady, UnknownModel
+from ..errors import NotReady, UnknownModel, ValidationFailed
+from ..jsonbody import Blueprint
 from .admission import Admission
 from .catalog import Catalog
 from .config import ExecutorSettings
 from .metrics import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
 from .provider_errors import api_error
 from .providers import Call, ProviderFailure, ProviderTimeout
-from .schemas import ExecuteRequestSchema, ExecuteResponseSchema, ModelListSchema
+from .schemas import (
+    REQUEST_ID_PATTERN,
+    ExecuteRequestSchema,
+    ExecuteResponseSchema,
+    ModelListSchema,
+)
 
 logger = logging.getLogger(__name__)
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 blp = Blueprint("executor", __name__, description="Run one model call synchronously.")
 
@@ -43,8 +50,18 @@ def state() -> ExecutorState:
 
 
 def _request_id(body: dict[str, Any]) -> str:
-    rid = body.get("request_id") or request.headers.get("X-Request-ID", "")
-    return rid if rid and len(rid) <= 128 else uuid.uuid4().hex
+    """The body's request_id, else the X-Request-ID header, else a new one. The header
+    is held to the body's rule (422 otherwise): it is echoed and logged."""
+    if body.get("request_id"):
+        return str(body["request_id"])
+    header = request.headers.get("X-Request-ID")
+    if header is None:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.fullmatch(header):
+        raise ValidationFailed(
+            details={"X-Request-ID": [f"must match {REQUEST_ID_PATTERN} (or be absent)"]}
+        )
+    return header
 
 
 # Schema instances, not classes: webargs would build a schema per request, which

@@ -184,3 +184,20 @@ def test_metrics_are_exported_without_any_setting(started: Started) -> None:
         assert 'dispatcher_queue_depth{queue="queued",region="r1"}' in metrics.text, metrics.text[
             :2000
         ]
+
+
+def test_chunked_body_over_the_limit_is_413(started: Started) -> None:
+    route = "/execute" if started.probe == "/execute" else "/jobs"
+
+    def body(kib: int) -> Iterator[bytes]:  # no Content-Length: requests sends it chunked
+        yield b'{"model": "sim", "prompt": "'
+        for _ in range(kib):
+            yield b"x" * 1024
+        yield b'"}'
+
+    headers = {**started.headers, "Content-Type": "application/json"}
+    r = requests.post(started.url + route, data=body(2048), headers=headers, timeout=30)
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["error"]["code"] == "payload_too_large"
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert r.headers["Cache-Control"] == "no-store"
