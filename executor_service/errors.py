@@ -123,6 +123,13 @@ class ProviderError(APIError):
     status, code = 502, "provider_error"
 
 
+class ClientGone(APIError):
+    """The client closed the connection before the answer; the call was stopped."""
+
+    # nginx's "client closed request": never read by the client, seen in logs and metrics.
+    status, code = 499, "client_gone"
+
+
 class Internal(APIError):
     """An internal error occurred; it has been logged."""
 

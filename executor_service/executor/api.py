@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import sentry_sdk
 from flask import Flask, Response, current_app, g, jsonify, request
 
-from ..errors import NotReady, UnknownModel, ValidationFailed
+from ..errors import ClientGone, NotReady, UnknownModel, ValidationFailed
 from ..jsonbody import Blueprint
 from .admission import Admission
 from .catalog import Catalog
 from .config import ExecutorSettings
 from .metrics import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
 from .provider_errors import api_error
-from .providers import Call, ProviderFailure, ProviderTimeout
+from .providers import Call, ProviderCancelled, ProviderFailure, ProviderTimeout
 from .schemas import (
     REQUEST_ID_PATTERN,
     ExecuteRequestSchema,
@@ -64,6 +68,37 @@ def _request_id(body: dict[str, Any]) -> str:
     return header
 
 
+def _watch_client(cancel: threading.Event) -> Callable[[], None]:
+    """Set ``cancel`` if the client closes its connection while the call runs; returns
+    the function that stops watching.
+
+    Under gevent (the default worker) a greenlet peeks at the client's socket: the
+    client sends nothing while it waits for its answer, so the socket turns readable
+    only when it is closed (recv gives b""). The llama_cpp and simulated providers
+    then stop within a token; nobody would read their answer. Under gthread (no
+    spare thread to watch with) calls run to their deadline, as before.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    monkey = sys.modules.get("gevent.monkey")
+    if sock is None or monkey is None or not monkey.is_module_patched("socket"):
+        return lambda: None
+    import gevent
+
+    rid = g.get("request_id")  # the greenlet below runs outside the request context
+
+    def watch() -> None:
+        try:
+            data = sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            data = b""
+        if not data:
+            logger.info("client gone: stopping the call", extra={"request_id": rid})
+            cancel.set()
+
+    watcher = gevent.spawn(watch)
+    return lambda: watcher.kill(block=False)
+
+
 # Schema instances, not classes: webargs would build a schema per request, which
 # was a third of the executor's own overhead per call (E1).
 @blp.route("/execute", methods=["POST"])
@@ -105,14 +140,18 @@ def execute(body: dict[str, Any]) -> Response:
             request_id=g.request_id,
         )
         model_started = time.monotonic()
+        stop_watching = _watch_client(call.cancel)
         try:
             completion = provider.complete(call)
+        except ProviderCancelled as exc:
+            raise ClientGone(details={"reason": str(exc)}) from None
         except (ProviderTimeout, ProviderFailure) as exc:
             field = "messages" if body.get("messages") else "prompt"
             raise api_error(
                 exc, provider=provider.kind, model=model, timeout_s=budget, field=field
             ) from None
         finally:
+            stop_watching()
             MODEL_SECONDS.labels(model).observe(time.monotonic() - model_started)
     finished = time.monotonic()
     g.model_ms = (finished - model_started) * 1000

@@ -236,3 +236,34 @@ def test_sigterm_lets_in_flight_calls_finish(catalog: Path, tmp_path: Path) -> N
         assert server.proc.wait(30) == 0
     finally:
         server.stop()
+
+
+def test_a_call_whose_client_went_away_is_stopped(catalog: Path, tmp_path: Path) -> None:
+    """Default worker (gevent): the client hangs up 0.3 s into a 20 s call; the executor
+    stops the call (its admission slot and in-flight gauge come back) long before 20 s."""
+    import socket
+
+    slow = write_catalog(
+        tmp_path / "slow.toml", {"sim-20s": {"provider": "simulated", "latency_s": 20}}
+    )
+    env = {"ES_CATALOG": str(slow), "WEB_CONCURRENCY": "1", "ES_LOG_LEVEL": "info"}
+    with Gunicorn(tmp_path, env) as server:
+        body = json.dumps({"model": "sim-20s", "prompt": "x"}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(
+                b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            wait_until(lambda: metric_value(server.url, "executor_in_flight") == 1, 5)
+        hung_up = time.monotonic()
+        wait_until(
+            lambda: metric_value(server.url, "executor_in_flight") == 0,
+            10,
+            what="the abandoned call to stop",
+        )
+        assert time.monotonic() - hung_up < 10
+        assert (
+            metric_value(server.url, 'executor_requests_total{model="sim-20s",status="499"}') == 1
+        )
+        assert "client gone" in server.log()

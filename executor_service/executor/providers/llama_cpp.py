@@ -21,7 +21,8 @@ native thread pool instead and the other greenlets keep serving.
 Each call evaluates its prompt from scratch (no prefix cache across calls), so
 the same greedy call gives the same answer every time.
 
-The deadline is checked after every generated token (a stopping criterion)
+The deadline, and whether the client is still there (``Call.cancel``), are checked
+after every generated token (a stopping criterion)
 and, while the prompt is evaluated (seconds for a long prompt on a small CPU),
 by llama.cpp's abort callback; either way the call ends within about one
 token's time of its deadline.
@@ -45,6 +46,7 @@ from .base import (
     Call,
     Completion,
     Provider,
+    ProviderCancelled,
     ProviderFailure,
     ProviderRejected,
     ProviderTimeout,
@@ -114,6 +116,8 @@ def deadline_llama_class() -> type:
     class DeadlineLlama(llama_cpp.Llama):
         deadline: float | None = None
         deadline_hit: bool = False
+        # The call's cancel event (its client went away): stops it like the deadline.
+        cancel: Any = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -125,7 +129,9 @@ def deadline_llama_class() -> type:
             llama_cpp.llama_set_abort_callback(self.ctx, self._abort_callback, None)
 
         def past_deadline(self) -> bool:
-            if self.deadline is not None and time.monotonic() >= self.deadline:
+            if (self.deadline is not None and time.monotonic() >= self.deadline) or (
+                self.cancel is not None and self.cancel.is_set()
+            ):
                 self.deadline_hit = True
             return self.deadline_hit
 
@@ -269,11 +275,14 @@ class LlamaCppProvider(Provider):
         llama.reset()
         llama.deadline_hit = False
         llama.deadline = call.deadline
+        llama.cancel = call.cancel
         try:
             result = llama.create_chat_completion(**kwargs)
         except ValueError as exc:
             raise self._input_failure(exc) from None
         except RuntimeError as exc:  # llama_decode failed: aborted at the deadline, or worse
+            if llama.deadline_hit and call.cancelled:
+                raise ProviderCancelled("the client went away during prompt evaluation") from None
             if llama.deadline_hit:
                 raise ProviderTimeout(
                     f"prompt evaluation stopped at the deadline after "
@@ -283,6 +292,11 @@ class LlamaCppProvider(Provider):
             raise ProviderFailure(f"llama.cpp failed: {exc}") from None
         finally:
             llama.deadline = None
+            llama.cancel = None
+        if llama.deadline_hit and call.cancelled:
+            raise ProviderCancelled(
+                f"the client went away; stopped after {time.monotonic() - started:.3g} s"
+            )
         if llama.deadline_hit:
             raise ProviderTimeout(
                 f"generation stopped at the deadline after {time.monotonic() - started:.3g} s"

@@ -39,6 +39,7 @@ from .base import (
     Call,
     Completion,
     Provider,
+    ProviderCancelled,
     ProviderFailure,
     ProviderRateLimited,
     ProviderRejected,
@@ -143,8 +144,8 @@ class SimulatedProvider(Provider):
         if latency > call.remaining():
             time.sleep(max(0.0, call.remaining()))
             raise ProviderTimeout(f"simulated latency {latency:g} s exceeds the deadline")
-        if latency > 0:
-            time.sleep(latency)
+        if latency > 0 and call.cancel.wait(latency):
+            raise ProviderCancelled("the client went away")
         if fail:
             if self.error_kind == "429":
                 raise ProviderRateLimited("simulated rate limit", retry_after_s=self.retry_after_s)
