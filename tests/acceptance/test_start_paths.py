@@ -2,7 +2,8 @@
 
 - ``executor-service serve``;
 - ``gunicorn -c gunicorn.conf.py wsgi:app`` (the container's command);
-- ``executor-service dispatcher`` (its HTTP API).
+- ``executor-service dispatcher`` (API and worker) and ``executor-service dispatcher api``;
+- ``executor-service dispatcher worker`` alone (metrics only: it serves no other route).
 
 Each one must keep answering while idle sockets and slowloris clients are held open
 (target E4: no proxy buffers for ``make demo`` or a direct deployment), and must export
@@ -86,7 +87,7 @@ def _start(name: str, argv: list[str], env: dict[str, str], tmp: Path, port: int
     return Started(name, url, port, proc, log, {}, "")
 
 
-@pytest.fixture(params=["serve", "container", "dispatcher"])
+@pytest.fixture(params=["serve", "container", "dispatcher", "dispatcher-api"])
 def started(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Started]:
     env = server_env(tmp_path)
     port = free_port()
@@ -111,7 +112,9 @@ def started(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Started]
                 ES_API_KEYS=API_KEYS,
             )
             argv = [cli, "dispatcher", "--port", str(port)]
-            server = _start("dispatcher", argv, env, tmp_path, port)
+            if request.param == "dispatcher-api":
+                argv = [cli, "dispatcher", "api", "--port", str(port)]
+            server = _start(request.param, argv, env, tmp_path, port)
             server.headers = {"Authorization": f"Bearer {KEYS['alice']}"}
             server.probe = "/queue"
             yield from _running(server)
@@ -201,3 +204,38 @@ def test_chunked_body_over_the_limit_is_413(started: Started) -> None:
     assert r.json()["error"]["code"] == "payload_too_large"
     assert r.headers["X-Content-Type-Options"] == "nosniff"
     assert r.headers["Cache-Control"] == "no-store"
+
+
+def test_a_worker_alone_serves_its_metrics(tmp_path: Path) -> None:
+    """``dispatcher worker`` as a platform runs it, beside an API in another container:
+    its calls and claims are counted in this process, so it exports them itself."""
+    env = server_env(tmp_path)
+    port = free_port()
+    cli = str(Path(sys.executable).parent / "executor-service")
+    with executor(tmp_path, "r1", SIM) as region:
+        regions = write_regions(tmp_path / "regions.toml", {"r1": (region.url, 2, ["sim"])})
+        db = f"sqlite:///{tmp_path / 'dispatcher.db'}"
+        env.update(ES_REGIONS_FILE=str(regions), ES_DATABASE_URL=db, ES_API_KEYS=API_KEYS)
+        env["ES_WORKER_METRICS_PORT"] = str(port)
+        log = tmp_path / "worker.log"
+        with log.open("wb") as out:
+            worker = subprocess.Popen(
+                [cli, "dispatcher", "worker"],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+
+            def claims() -> bool:
+                if worker.poll() is not None:
+                    raise RuntimeError(log.read_text())
+                text = requests.get(url, timeout=2).text
+                return 'dispatcher_claim_seconds_count{region="r1"}' in text
+
+            wait_until(claims, 60, what="the worker's claim metrics")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(40)
