@@ -33,7 +33,11 @@ if worker_class not in {"gthread", "gevent"}:
 worker_connections = 1000
 timeout = _int("GUNICORN_TIMEOUT", GUNICORN_TIMEOUT_DEFAULT)
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
-keepalive = 5
+# Under gevent a stopping worker waits for its idle kept-alive connections to time out:
+# 5 s made the API outlive the 5 s margin `dispatcher run` gives it after SIGTERM (it
+# was killed and the command exited 1). Clients (the CLI, the page) poll every second
+# or more, so 2 s keeps their connection warm.
+keepalive = 2
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "") or None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "warning")

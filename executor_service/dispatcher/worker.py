@@ -204,17 +204,21 @@ class RegionWorker:
             return True
 
     def release_all(self) -> int:
-        """Give back every lease still held (calls that outlived the grace period)."""
-        released = 0
-        for execution_id, token in self.leases():
-            try:
-                if self.store.release(execution_id, token, self.clock()):
-                    released += 1
-            except StoreError:
-                logger.exception(
-                    "release failed", extra={"region": self.region.name, "execution": execution_id}
-                )
-        return released
+        """At shutdown, the calls that outlived the grace period: their leases are left to
+        expire, not released. Each call is still running at the executor; releasing its
+        lease freed its seat at once, so the region got a second call in that seat (2x its
+        concurrency) and the same execution was sent again under the same request id. The
+        lease, taken at claim for the call's deadline (``rules.seat_lease_s``), keeps the
+        seat until the call has surely ended; then a reaper records the attempt and
+        retries it. Returns how many were left."""
+        left = self.leases()
+        if left:
+            logger.warning(
+                "leaving %d leases of calls still running to expire",
+                len(left),
+                extra={"region": self.region.name},
+            )
+        return len(left)
 
     # -- waking ------------------------------------------------------------
     def wake(self) -> None:
@@ -252,7 +256,7 @@ class RegionWorker:
             region=self.spec,
             limit=free,
             now=self.clock(),
-            lease_s=self.config.lease_s,
+            lease_s=rules.seat_lease_s(self.config.lease_s, self.region.timeout_s),
             worker=self.worker_id,
             tenant_batch=self.config.tenant_batch,
             retry_handoff_s=self.config.retry_handoff_s,
@@ -473,8 +477,9 @@ class Dispatcher:
         return ended
 
     def stop(self, grace_s: float | None = None) -> int:
-        """Stop claiming, give calls in flight ``grace_s`` to finish, release the rest.
-        Returns how many leases were released."""
+        """Stop claiming, give calls in flight ``grace_s`` to finish, leave the leases of
+        the rest to expire when their calls surely ended (``RegionWorker.release_all``).
+        Returns how many leases were left."""
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         for worker in self.workers.values():
             worker.stop_claiming()
@@ -484,14 +489,14 @@ class Dispatcher:
         deadline = time.monotonic() + grace
         for worker in self.workers.values():
             worker.wait_idle(deadline)
-        released = sum(w.release_all() for w in self.workers.values())
+        left = sum(w.release_all() for w in self.workers.values())
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
         for worker in self.workers.values():
             worker.shutdown_pool()
-        logger.info("dispatcher stopped", extra={"released": released})
-        return released
+        logger.info("dispatcher stopped", extra={"leases_left": left})
+        return left
 
     def run(self, stop: threading.Event) -> int:
         """Start, run until ``stop`` is set, then stop gracefully (the CLI's main loop)."""
