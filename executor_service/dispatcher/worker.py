@@ -48,9 +48,9 @@ from .store.base import NOT_SUBSCRIBED, Claim, Store, StoreError, Subscription
 
 logger = logging.getLogger(__name__)
 
-# After a store error, a loop waits this long before asking again, so a store
-# outage does not become a busy loop of failing queries.
-STORE_ERROR_PAUSE_S = 1.0
+# After a store error a loop waits this long (each failing query already waited for a
+# connection): no busy loop in an outage, work resumes within 0.25 s of its end.
+STORE_ERROR_PAUSE_S = 0.25
 # Deadline sweeps: a job's leftovers end within a second, for one indexed query a second.
 DEADLINE_SWEEP_S = 1.0
 
@@ -204,21 +204,14 @@ class RegionWorker:
             return True
 
     def release_all(self) -> int:
-        """At shutdown, the calls that outlived the grace period: their leases are left to
-        expire, not released. Each call is still running at the executor; releasing its
-        lease freed its seat at once, so the region got a second call in that seat (2x its
-        concurrency) and the same execution was sent again under the same request id. The
-        lease, taken at claim for the call's deadline (``rules.seat_lease_s``), keeps the
-        seat until the call has surely ended; then a reaper records the attempt and
-        retries it. Returns how many were left."""
-        left = self.leases()
+        """At shutdown, calls that outlived the grace keep their leases (not released: a
+        release freed the seat while the call still ran, 2x the region's concurrency);
+        the lease covers the call's deadline (``rules.seat_lease_s``), then a reaper
+        records the attempt and retries it. Returns how many were left."""
+        left = len(self.leases())
         if left:
-            logger.warning(
-                "leaving %d leases of calls still running to expire",
-                len(left),
-                extra={"region": self.region.name},
-            )
-        return len(left)
+            logger.warning("leaving %d leases to expire", left, extra={"region": self.region.name})
+        return left
 
     # -- waking ------------------------------------------------------------
     def wake(self) -> None:
@@ -321,9 +314,10 @@ class RegionWorker:
             finished = self.clock()
             metrics.CALLS.labels(name, result.outcome.value).inc()
             metrics.CALL_SECONDS.labels(name).observe(max(0.0, finished - started))
-            self.recorder.record(claim, result, started, finished, log)
+            keep_s = rules.seat_lease_s(self.config.lease_s, self.region.timeout_s)
+            self.recorder.record_until_stored(claim, result, started, finished, log, keep_s)
         except StoreError:
-            # The store failed: the lease expires and the reaper gives it back.
+            # The store stayed away past the lease: the reaper gives the work back.
             logger.exception("recording the result failed", extra=log)
         finally:
             if result is not None:
