@@ -16,6 +16,12 @@ from . import __version__, apidocs, auth, errors, jsonbody, observability
 from .config import CommonSettings
 
 
+class _Api(Api):
+    # flask-smorest documents its own error shape ({code, status, message, errors}) for
+    # every route's default and 422 responses; ours is the one on the wire.
+    ERROR_SCHEMA = errors.ErrorResponseSchema
+
+
 def base_app(
     name: str, settings: CommonSettings, test_config: Mapping[str, Any] | None, title: str
 ) -> tuple[Flask, Api]:
@@ -39,7 +45,7 @@ def base_app(
     )
     if test_config:
         app.config.update(test_config)
-    api = Api(app)
+    api = _Api(app)
     errors.register_error_handlers(app)  # after Api, which installs its own
 
     @app.after_request

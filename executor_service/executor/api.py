@@ -201,6 +201,7 @@ def models() -> dict[str, Any]:
 
 
 @blp.route("/ready", methods=["GET"])
+@blp.doc(security=[])  # public: platforms probe it without credentials (auth.PUBLIC_PATHS)
 @blp.response(200)
 @blp.alt_response(503, description="not_ready: models loading or draining")
 def ready() -> dict[str, Any]:
