@@ -96,7 +96,9 @@ def _watch_client(cancel: threading.Event) -> Callable[[], None]:
             cancel.set()
 
     watcher = gevent.spawn(watch)
-    return lambda: watcher.kill(block=False)
+    # block: the watcher must be gone before gunicorn reads the next request on the socket
+    # (two greenlets waiting on one socket is an error, answered 500 on keep-alive)
+    return lambda: watcher.kill(block=True)
 
 
 # Schema instances, not classes: webargs would build a schema per request, which

@@ -267,3 +267,17 @@ def test_a_call_whose_client_went_away_is_stopped(catalog: Path, tmp_path: Path)
             metric_value(server.url, 'executor_requests_total{model="sim-20s",status="499"}') == 1
         )
         assert "client gone" in server.log()
+
+
+def test_keep_alive_calls_on_one_connection_all_answer(server_4x2: Gunicorn) -> None:
+    """The client watcher of each call is gone before the next request is read on the
+    same connection (two greenlets on one socket made gunicorn answer 500)."""
+    with requests.Session() as session:
+        codes = [
+            session.post(
+                server_4x2.url + "/execute", json={"model": "sim-fast", "prompt": "x"}, timeout=10
+            ).status_code
+            for _ in range(20)
+        ]
+    assert codes == [200] * 20
+    assert "ConcurrentObjectUseError" not in server_4x2.log()
