@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= local,server,postgres,loadtest,bench,deploy-check,dev
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format loadtest capacity soak bench postgres browser clean
+.PHONY: install demo test test-fast lint format loadtest capacity soak bench postgres browser clean chaos
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: install postgres browser
 	$(PY) -m pytest
 
 ## test-fast: the unit tier (no network, no subprocess, no disk beyond tmp): seconds
+## chaos: the long chaos runs (10 kill -9 / SIGTERM rounds per store), figures appended
+## to chaos-report.jsonl (docs/reliability.md); `make test` runs 2 rounds
+chaos: install postgres
+	CHAOS_ROUNDS=$${CHAOS_ROUNDS:-10} CHAOS_REPORT=chaos-report.jsonl $(PY) -m pytest \
+		tests/acceptance/test_chaos.py tests/acceptance/test_dispatcher_store_outage.py -q
+
 test-fast: install
 	$(PY) -m pytest tests/unit -q -m "not deploy and not image"
 
@@ -65,6 +71,7 @@ soak: install
 bench: install
 	$(PY) bench/executor_overhead.py
 	$(PY) bench/executor_concurrency.py
+	$(PY) bench/executor_hostile.py --also-gthread
 
 .PHONY: image image-test
 

@@ -12,8 +12,14 @@ from typing import Any
 from flask import Flask, Response, g, jsonify
 from flask_smorest import Api
 
-from . import __version__, apidocs, auth, errors, observability
+from . import __version__, apidocs, auth, errors, jsonbody, observability
 from .config import CommonSettings
+
+
+class _Api(Api):
+    # flask-smorest documents its own error shape ({code, status, message, errors}) for
+    # every route's default and 422 responses; ours is the one on the wire.
+    ERROR_SCHEMA = errors.ErrorResponseSchema
 
 
 def base_app(
@@ -39,12 +45,21 @@ def base_app(
     )
     if test_config:
         app.config.update(test_config)
-    api = Api(app)
+    api = _Api(app)
     errors.register_error_handlers(app)  # after Api, which installs its own
+
+    @app.after_request
+    def _security_headers(response: Response) -> Response:
+        # Answers hold prompts and outputs: no MIME sniffing, no cache on the way keeps them.
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
 
     @app.before_request
     def _start_clock() -> None:
         g.started = time.monotonic()
+
+    jsonbody.init_app(app)  # after the clock: its chunked-body check may answer 413
 
     auth.init_app(app, auth.KeyRing.from_settings(settings))
     apidocs.init_app(app)

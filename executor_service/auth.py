@@ -46,6 +46,15 @@ class KeyRing:
             if not tenant or not key:
                 raise ConfigError(f"API key entry {line[:3]}... must be 'tenant:key' or 'key'")
             entries.append((key.encode(), tenant))
+        # One key, two tenants: every request with it would silently be the first's.
+        seen: dict[bytes, str] = {}
+        for key_bytes, tenant in entries:
+            if key_bytes in seen and seen[key_bytes] != tenant:
+                raise ConfigError(
+                    f"the same API key is configured twice (tenants {seen[key_bytes]!r} and "
+                    f"{tenant!r}): each key must be one tenant's"
+                )
+            seen[key_bytes] = tenant
         return cls(tuple(entries))
 
     @classmethod

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from marshmallow import Schema, fields
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from .exceptions import ExecutorServiceError
@@ -123,10 +124,30 @@ class ProviderError(APIError):
     status, code = 502, "provider_error"
 
 
+class ClientGone(APIError):
+    """The client closed the connection before the answer; the call was stopped."""
+
+    # nginx's "client closed request": never read by the client, seen in logs and metrics.
+    status, code = 499, "client_gone"
+
+
 class Internal(APIError):
     """An internal error occurred; it has been logged."""
 
     status, code = 500, "internal"
+
+
+class ErrorBodySchema(Schema):
+    code = fields.String(required=True, metadata={"description": "stable, machine-readable"})
+    message = fields.String(required=True)
+    details = fields.Dict(required=True, metadata={"description": "per code; {} when none"})
+
+
+class ErrorResponseSchema(Schema):
+    """Every error answer: ``{"error": {"code", "message", "details"}}`` (the OpenAPI
+    documents' default response, so they show what the wire carries)."""
+
+    error = fields.Nested(ErrorBodySchema, required=True)
 
 
 def error_response(err: APIError) -> Response:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -144,3 +146,131 @@ class Gunicorn:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class HostileClients:
+    """Idle and slowloris connections held open against a server (target E4).
+
+    ``idle`` sockets connect and send nothing; ``slowloris`` ones send a request line
+    and then one header byte every ``drip_s`` seconds, never finishing the headers.
+    Used as a context manager; a background thread keeps the slow clients dripping.
+    """
+
+    def __init__(self, port: int, idle: int = 64, slowloris: int = 16, drip_s: float = 1.0) -> None:
+        self.port, self.n_idle, self.n_slow, self.drip_s = port, idle, slowloris, drip_s
+        self.sockets: list[socket.socket] = []
+        self._slow: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drip, daemon=True)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self.sockets.append(sock)
+        return sock
+
+    def __enter__(self) -> HostileClients:
+        for _ in range(self.n_idle):
+            self._connect()
+        for _ in range(self.n_slow):
+            sock = self._connect()
+            sock.sendall(b"POST /execute HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            self._slow.append(sock)
+        self._thread.start()
+        return self
+
+    def _drip(self) -> None:
+        while not self._stop.wait(self.drip_s):
+            for sock in self._slow:
+                with contextlib.suppress(OSError):
+                    sock.send(b"X")
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+class CuttableProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target`` (host, port) that a test can cut:
+    ``cut()`` drops every connection and refuses new ones (as a database that went
+    away does), ``restore()`` listens again on the same port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._accepting: threading.Thread | None = None
+
+    def start(self) -> CuttableProxy:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        self._accepting = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        self._accepting.start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        if self._listener is not None:
+            # shutdown first: close() alone leaves a thread blocked in accept() accepting
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def restore(self) -> None:
+        self.start()
+
+    def url(self, database_url: str) -> str:
+        """``database_url`` pointing at this proxy instead of its own host and port."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(database_url)
+        user = f"{parts.username}@" if parts.username else ""
+        return parts._replace(netloc=f"{user}127.0.0.1:{self.port}").geturl()
+
+    def __enter__(self) -> CuttableProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cut()

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, current_app, g, request, stream_with_context
-from flask_smorest import Blueprint
 
 from ..errors import APIError, Conflict, NotFound, error_response
+from ..jsonbody import Blueprint
 from . import exports, metrics, progress
 from .config import DispatcherSettings
 from .jobs import JobLimits, build_job

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 API_APP = "executor_service.dispatcher.api:create_dispatcher_app()"
 API_GUNICORN_CONFIG = "python:executor_service.dispatcher.gunicorn_config"
 DEFAULT_PORT = 8100
+# The worker's own /metrics when it runs without an API beside it (next to the API's port).
+DEFAULT_WORKER_METRICS_PORT = 8101
 # After the children were asked to stop: the workers' grace, plus this, then SIGKILL.
 STOP_MARGIN_S = 5.0
 
@@ -125,18 +127,44 @@ def api(host: str, port: int) -> None:
 
 
 @dispatcher.command("worker")
-def worker() -> None:
+@host_option
+@click.option(
+    "--metrics-port",
+    type=int,
+    envvar="ES_WORKER_METRICS_PORT",
+    default=DEFAULT_WORKER_METRICS_PORT,
+    show_default=True,
+    help="serve this process's /metrics here (0: off; ES_WORKER_METRICS_PORT)",
+)
+def worker(host: str, metrics_port: int) -> None:
     """The region workers, until SIGTERM or SIGINT."""
-    sys.exit(run_worker())
+    sys.exit(run_worker(host, metrics_port))
 
 
-def run_worker() -> int:
+def serve_own_metrics(host: str, port: int) -> None:
+    """``/metrics`` of a worker that runs without an API beside it.
+
+    The worker's counters (calls, claims, retries, dead letters) live in this process;
+    with no PROMETHEUS_MULTIPROC_DIR shared with an API, nothing else could export them
+    (a platform running ``dispatcher worker`` on its own exported none). Under
+    ``dispatcher run`` the API exports them from the shared directory instead.
+    """
+    if port <= 0 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=host)
+    logger.info("worker metrics on http://%s:%s/metrics", host, port)
+
+
+def run_worker(host: str = "127.0.0.1", metrics_port: int = 0) -> int:
     """Claim, call and record until a signal; then stop gracefully. Returns the exit code."""
     from .. import observability
     from .worker import Dispatcher, WorkerConfig
 
     settings, regions = _load_settings()
     observability.configure_logging(settings)
+    serve_own_metrics(host, metrics_port)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -158,7 +186,8 @@ def run_both(host: str, port: int, no_api: bool) -> int:
     stopped because we were asked to stop and both exited 0. ``no_api``: the worker
     alone, in this process (``dispatcher worker``)."""
     if no_api:
-        return run_worker()
+        metrics_port = os.environ.get("ES_WORKER_METRICS_PORT", "").strip()
+        return run_worker(host, int(metrics_port) if metrics_port else DEFAULT_WORKER_METRICS_PORT)
     settings, _regions = _load_settings()
     open_configured_store(settings.database_url).close()  # migrate once, before the children
     env = dict(os.environ)

@@ -106,12 +106,24 @@ def jsonl_lines(views: Iterable[View], job_id: str) -> Iterator[str]:
         yield json.dumps(record(view, job_id), ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP's CSV
+# injection list): a model's output or a tenant's question could be "=HYPERLINK(...)".
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell a spreadsheet shows as text: a leading ' before a formula start."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _cell(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, dict | list):
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return value
+    return csv_safe(value)
 
 
 def csv_chunks(views: Iterable[View], job_id: str) -> Iterator[str]:

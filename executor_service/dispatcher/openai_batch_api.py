@@ -21,11 +21,11 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, g, request
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from .. import openai_errors
 from ..errors import Conflict, NotFound, ValidationFailed
+from ..jsonbody import Blueprint
 from . import openai_batch as ob
 from .api import DispatcherState, state
 from .store.objects import StoredObject, objects_for

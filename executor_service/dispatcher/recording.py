@@ -10,6 +10,7 @@ applies them for one region's worker (``worker.RegionWorker``), on its pool thre
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,13 @@ from .regions import Region
 from .reuse import CallReuse
 from .runtime import Wakeup
 from .scheduler import Clock, RetryScheduler
-from .store.base import Claim, Store
+from .store.base import Claim, Store, StoreError
 
 logger = logging.getLogger(__name__)
+
+# While the store is away, a kept result is written again this often (each try has
+# already waited up to the store's connection wait).
+STORE_RETRY_S = 0.25
 
 
 class Recorder:
@@ -86,12 +91,42 @@ class Recorder:
             logger.info("job deadline passed", extra=log)
         return written
 
+    def record_until_stored(
+        self,
+        claim: Claim,
+        result: CallResult,
+        started: float,
+        finished: float,
+        log: dict[str, Any],
+        keep_s: float,
+    ) -> None:
+        """:meth:`record`, again while the store is away (StoreError), for up to ``keep_s``:
+        an answer that came back during an outage is kept and written with its lease
+        token, not thrown away and re-run. The claim stays in flight meanwhile, so its
+        seat stays taken and the heartbeat renews its lease once the store is back."""
+        give_up = time.monotonic() + keep_s
+        self.reuse.count(claim, result, finished - started)  # once, however many writes
+        while True:
+            try:
+                return self._write(claim, result, started, finished, log)
+            except StoreError:
+                if time.monotonic() >= give_up:
+                    raise
+                logger.warning("the store is away: keeping the result to write it", extra=log)
+            time.sleep(STORE_RETRY_S)
+
     def record(
         self, claim: Claim, result: CallResult, started: float, finished: float, log: dict[str, Any]
     ) -> None:
         """Count the call (or the reuse) and write its outcome. A reused answer
         (``result.reused``, reuse.py) made no call: no AIMD step, its tokens given back."""
         self.reuse.count(claim, result, finished - started)
+        self._write(claim, result, started, finished, log)
+
+    def _write(
+        self, claim: Claim, result: CallResult, started: float, finished: float, log: dict[str, Any]
+    ) -> None:
+        """Write the call's outcome with its lease token (no metrics: see :meth:`record`)."""
         reused = result.reused
         name = self.region.name
         budget = self.region.budget(claim.model)

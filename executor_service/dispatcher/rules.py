@@ -60,6 +60,20 @@ def past_deadline(deadline_at: float | None, when: float) -> bool:
 DIVERTED_FAILOVER = Failover.ANY
 
 
+# A call can still run at the executor until its deadline (the timeout_s it was sent
+# with), plus the time its answer takes to come back.
+CALL_END_MARGIN_S = 5.0
+
+
+def seat_lease_s(lease_s: float, call_timeout_s: float) -> float:
+    """How long a claim leases its execution: a region's seat is free again only when
+    the call that holds it has surely ended, so the lease outlives the call's deadline
+    (DESIGN.md, Timeouts), even if its worker crashes (no heartbeat ends it sooner) or
+    stops with the call still running (the lease is left to expire, not released).
+    Heartbeats extend it, never shorten it."""
+    return max(lease_s, call_timeout_s + CALL_END_MARGIN_S)
+
+
 class Source(StrEnum):
     """Which queue a claim came from; release puts the execution back there."""
 

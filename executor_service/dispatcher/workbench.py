@@ -18,10 +18,10 @@ import logging
 from typing import Any
 
 from flask import g
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from ..errors import ValidationFailed
+from ..jsonbody import Blueprint
 from . import compare
 from .api import _owned_job, execution_view, job_view, state
 from .schemas import JobSchema, QuestionSchema

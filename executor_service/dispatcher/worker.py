@@ -48,9 +48,9 @@ from .store.base import NOT_SUBSCRIBED, Claim, Store, StoreError, Subscription
 
 logger = logging.getLogger(__name__)
 
-# After a store error, a loop waits this long before asking again, so a store
-# outage does not become a busy loop of failing queries.
-STORE_ERROR_PAUSE_S = 1.0
+# After a store error a loop waits this long (each failing query already waited for a
+# connection): no busy loop in an outage, work resumes within 0.25 s of its end.
+STORE_ERROR_PAUSE_S = 0.25
 # Deadline sweeps: a job's leftovers end within a second, for one indexed query a second.
 DEADLINE_SWEEP_S = 1.0
 
@@ -204,17 +204,14 @@ class RegionWorker:
             return True
 
     def release_all(self) -> int:
-        """Give back every lease still held (calls that outlived the grace period)."""
-        released = 0
-        for execution_id, token in self.leases():
-            try:
-                if self.store.release(execution_id, token, self.clock()):
-                    released += 1
-            except StoreError:
-                logger.exception(
-                    "release failed", extra={"region": self.region.name, "execution": execution_id}
-                )
-        return released
+        """At shutdown, calls that outlived the grace keep their leases (not released: a
+        release freed the seat while the call still ran, 2x the region's concurrency);
+        the lease covers the call's deadline (``rules.seat_lease_s``), then a reaper
+        records the attempt and retries it. Returns how many were left."""
+        left = len(self.leases())
+        if left:
+            logger.warning("leaving %d leases to expire", left, extra={"region": self.region.name})
+        return left
 
     # -- waking ------------------------------------------------------------
     def wake(self) -> None:
@@ -252,7 +249,7 @@ class RegionWorker:
             region=self.spec,
             limit=free,
             now=self.clock(),
-            lease_s=self.config.lease_s,
+            lease_s=rules.seat_lease_s(self.config.lease_s, self.region.timeout_s),
             worker=self.worker_id,
             tenant_batch=self.config.tenant_batch,
             retry_handoff_s=self.config.retry_handoff_s,
@@ -316,9 +313,10 @@ class RegionWorker:
                     error={"code": "dispatcher_error", "message": f"{type(exc).__name__}: {exc}"},
                 )
             finished = self.clock()
-            self.recorder.record(claim, result, started, finished, log)
+            keep_s = rules.seat_lease_s(self.config.lease_s, self.region.timeout_s)
+            self.recorder.record_until_stored(claim, result, started, finished, log, keep_s)
         except StoreError:
-            # The store failed: the lease expires and the reaper gives it back.
+            # The store stayed away past the lease: the reaper gives the work back.
             logger.exception("recording the result failed", extra=log)
         finally:
             if result is not None and not result.reused:  # a reused answer tells no health
@@ -472,8 +470,9 @@ class Dispatcher:
         return ended
 
     def stop(self, grace_s: float | None = None) -> int:
-        """Stop claiming, give calls in flight ``grace_s`` to finish, release the rest.
-        Returns how many leases were released."""
+        """Stop claiming, give calls in flight ``grace_s`` to finish, leave the leases of
+        the rest to expire when their calls surely ended (``RegionWorker.release_all``).
+        Returns how many leases were left."""
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         for worker in self.workers.values():
             worker.stop_claiming()
@@ -483,14 +482,14 @@ class Dispatcher:
         deadline = time.monotonic() + grace
         for worker in self.workers.values():
             worker.wait_idle(deadline)
-        released = sum(w.release_all() for w in self.workers.values())
+        left = sum(w.release_all() for w in self.workers.values())
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
         for worker in self.workers.values():
             worker.shutdown_pool()
-        logger.info("dispatcher stopped", extra={"released": released})
-        return released
+        logger.info("dispatcher stopped", extra={"leases_left": left})
+        return left
 
     def run(self, stop: threading.Event) -> int:
         """Start, run until ``stop`` is set, then stop gracefully (the CLI's main loop)."""

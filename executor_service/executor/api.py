@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, current_app, g, jsonify, request
-from flask_smorest import Blueprint
 
-from ..errors import NotReady
+from ..errors import NotReady, ValidationFailed
+from ..jsonbody import Blueprint
 from .admission import Admission
 from .calls import ModelCall, record, run_call
 from .catalog import Catalog
 from .config import ExecutorSettings
-from .schemas import ExecuteRequestSchema, ExecuteResponseSchema, ModelListSchema
+from .schemas import (
+    REQUEST_ID_PATTERN,
+    ExecuteRequestSchema,
+    ExecuteResponseSchema,
+    ModelListSchema,
+)
 
 logger = logging.getLogger(__name__)
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 blp = Blueprint("executor", __name__, description="Run one model call synchronously.")
 
@@ -40,9 +47,18 @@ def state() -> ExecutorState:
 
 
 def request_id(given: str | None = None) -> str:
-    """The call's id: the one given in the body, else the X-Request-ID header, else new."""
-    rid = given or request.headers.get("X-Request-ID", "")
-    return rid if rid and len(rid) <= 128 else uuid.uuid4().hex
+    """The call's id: the one given in the body, else the X-Request-ID header, else new.
+    The header is held to the body's rule (422 otherwise): it is echoed and logged."""
+    if given:
+        return given
+    header = request.headers.get("X-Request-ID")
+    if header is None:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.fullmatch(header):
+        raise ValidationFailed(
+            details={"X-Request-ID": [f"must match {REQUEST_ID_PATTERN} (or be absent)"]}
+        )
+    return header
 
 
 # Schema instances, not classes: webargs would build a schema per request, which

@@ -12,19 +12,29 @@ until its last chunk is written or the client goes away.
 from __future__ import annotations
 
 import logging
+import socket
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import sentry_sdk
-from flask import current_app, g
+from flask import current_app, g, request
 
-from ..errors import APIError, UnknownModel
+from ..errors import APIError, ClientGone, UnknownModel
 from .metrics import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
 from .provider_errors import api_error
-from .providers import Call, Chunk, Completion, ProviderFailure, ProviderTimeout
+from .providers import (
+    Call,
+    Chunk,
+    Completion,
+    ProviderCancelled,
+    ProviderFailure,
+    ProviderTimeout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +112,39 @@ def _api_error(exc: Exception, mc: ModelCall, provider_kind: str, budget: float)
     )
 
 
+def _watch_client(cancel: threading.Event) -> Callable[[], None]:
+    """Set ``cancel`` if the client closes its connection while the call runs; returns
+    the function that stops watching.
+
+    Under gevent (the default worker) a greenlet peeks at the client's socket: the
+    client sends nothing while it waits for its answer, so the socket turns readable
+    only when it is closed (recv gives b""). The llama_cpp and simulated providers
+    then stop within a token; nobody would read their answer. Under gthread (no
+    spare thread to watch with) calls run to their deadline, as before.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    monkey = sys.modules.get("gevent.monkey")
+    if sock is None or monkey is None or not monkey.is_module_patched("socket"):
+        return lambda: None
+    import gevent
+
+    rid = g.get("request_id")  # the greenlet below runs outside the request context
+
+    def watch() -> None:
+        try:
+            data = sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            data = b""
+        if not data:
+            logger.info("client gone: stopping the call", extra={"request_id": rid})
+            cancel.set()
+
+    watcher = gevent.spawn(watch)
+    # block: the watcher must be gone before gunicorn reads the next request on the socket
+    # (two greenlets waiting on one socket is an error, answered 500 on keep-alive)
+    return lambda: watcher.kill(block=True)
+
+
 def run_call(mc: ModelCall) -> Outcome:
     """Run one call to its end under an admission slot; raise the contract's errors.
     The request's metrics and log line are written by :func:`observe_response`."""
@@ -110,11 +153,15 @@ def run_call(mc: ModelCall) -> Outcome:
     with st.admission.slot():
         provider = st.catalog.provider(mc.model)
         model_started = time.monotonic()
+        stop_watching = _watch_client(call.cancel)
         try:
             completion = provider.complete(call)
+        except ProviderCancelled as exc:
+            raise ClientGone(details={"reason": str(exc)}) from None
         except (ProviderTimeout, ProviderFailure) as exc:
             raise _api_error(exc, mc, provider.kind, budget) from None
         finally:
+            stop_watching()
             MODEL_SECONDS.labels(mc.model).observe(time.monotonic() - model_started)
     finished = time.monotonic()
     g.model_ms = (finished - model_started) * 1000

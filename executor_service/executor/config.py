@@ -31,10 +31,16 @@ class ExecutorSettings(CommonSettings):
     catalog_path: Path | None = field(
         default=None, metadata={"env": "ES_CATALOG", "parse": _optional_path}
     )
-    # Model calls in flight per process; 0 means "the gunicorn thread count"
-    # (gthread) or 250 (gevent), see gunicorn_config.py.
+    # Model calls in flight per process; 0 means "the gunicorn thread count" (250 with
+    # an explicit GUNICORN_WORKER_CLASS=gevent), see executor/gunicorn_config.py.
     max_in_flight: int = field(
         default=0, metadata={"env": "ES_MAX_IN_FLIGHT", "parse": _non_negative_int}
+    )
+    # Set by executor/gunicorn_config.py for its workers: one lock file per admission
+    # slot of the replica (workers x ES_MAX_IN_FLIGHT), so the limit is the replica's,
+    # not each process's (see executor/admission.py). Unset outside gunicorn.
+    admission_dir: Path | None = field(
+        default=None, metadata={"env": "ES_ADMISSION_DIR", "parse": _optional_path}
     )
     # Seconds a client should wait before retrying after a 503.
     retry_after_s: int = field(

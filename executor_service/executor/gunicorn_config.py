@@ -2,13 +2,15 @@
 ``executor_service.gunicorn_config`` shim and ``executor-service serve``); every value can
 be overridden from the environment.
 
-    PORT (8000), HOST (0.0.0.0), WEB_CONCURRENCY (workers, 4), GUNICORN_THREADS (2),
-    GUNICORN_WORKER_CLASS (gthread | gevent),
-    GUNICORN_WORKER_CONNECTIONS (gthread: the thread count; gevent: 1000),
+    PORT (8000), HOST (0.0.0.0), WEB_CONCURRENCY (workers, 4),
+    GUNICORN_THREADS (2: model calls one worker runs at once; gthread: its threads),
+    GUNICORN_WORKER_CLASS (gevent | gthread; default gevent),
+    GUNICORN_WORKER_CONNECTIONS (gevent: 1000; gthread: the thread count),
     GUNICORN_TIMEOUT (60), GUNICORN_GRACEFUL_TIMEOUT (30),
     GUNICORN_KEEPALIVE (5; 0 under gthread when a worker accepts only its threads),
     GUNICORN_MAX_REQUESTS (1000), GUNICORN_MAX_REQUESTS_JITTER (100), GUNICORN_BACKLOG (2048),
-    GUNICORN_ACCESSLOG ("-" = stdout; "" turns it off), GUNICORN_LOGLEVEL (info).
+    GUNICORN_ACCESSLOG ("-" = stdout; "" turns it off), GUNICORN_LOGLEVEL (info),
+    GUNICORN_CONTROL_SOCKET (none: no control socket).
 
 Server settings only: the app reads its own ``ES_*`` settings in create_app().
 """
@@ -30,7 +32,14 @@ from executor_service.gunicorn_common import env_int as _int
 bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{_int('PORT', 8000)}"]
 workers = _int("WEB_CONCURRENCY", 4)
 threads = _int("GUNICORN_THREADS", 2)
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+# gevent by default: every connection is a greenlet, so idle sockets and slowloris
+# clients (one header byte a second) cost a little memory each and never hold what
+# a request needs (target E4). Under gthread a connection holds a thread while its
+# headers arrive: 8 idle sockets froze the 4 x 2 default for 5-10 s each, 8 slowloris
+# clients for minutes. The model call itself runs off the event loop: llama_cpp in
+# gevent's native thread pool, the openai provider on gevent-patched sockets.
+_explicit_class = os.environ.get("GUNICORN_WORKER_CLASS", "").strip()
+worker_class = _explicit_class or "gevent"
 if worker_class not in {"gthread", "gevent"}:
     sys.exit(f"GUNICORN_WORKER_CLASS={worker_class!r}: expected gthread or gevent")
 # gthread: a worker accepts only the connections it can run now, so a busy worker
@@ -57,15 +66,35 @@ loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms pid=%(p)s request_id=%({x-request-id}o)s'
 # Workers import the app after the fork: each gets its own model instance.
 preload_app = False
+# gunicorn (25.1+) opens a control socket at $HOME/.gunicorn/gunicorn.ctl by default:
+# every master on a host would share that one path (the last to start takes it over,
+# the first to stop removes it). Off, unless GUNICORN_CONTROL_SOCKET names this
+# instance's own path.
+if os.environ.get("GUNICORN_CONTROL_SOCKET"):
+    control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
+control_socket_disable = not os.environ.get("GUNICORN_CONTROL_SOCKET")
 
-# The admission limit per process defaults to what one worker can run at once.
+# The admission limit per process (ES_MAX_IN_FLIGHT): model calls one worker runs at
+# once, beyond which a call is answered 503 overloaded at once. By default it is the
+# thread count under either worker class, so the default replica (4 workers x 2) runs
+# 8 calls at once, as the gthread default always did: the scale rule and the dispatcher's
+# region concurrency count on it, and a local model gains nothing from more (one
+# llama.cpp call per process at a time). GUNICORN_WORKER_CLASS=gevent set explicitly
+# asks for the I/O-bound profile (remote providers): 250 calls per worker. With 100
+# per worker 4 workers refused some calls at ~350 in flight, the kernel spreading
+# connections unevenly (target E2: 400).
 GEVENT_MAX_IN_FLIGHT = 250
 if not os.environ.get("ES_MAX_IN_FLIGHT", "").strip() or os.environ["ES_MAX_IN_FLIGHT"] == "0":
-    # Under gevent, 250 per worker: the kernel spreads connections unevenly, and with
-    # 100 per worker 4 workers refused some calls at ~350 in flight (target E2: 400).
     os.environ["ES_MAX_IN_FLIGHT"] = str(
-        threads if worker_class == "gthread" else GEVENT_MAX_IN_FLIGHT
+        GEVENT_MAX_IN_FLIGHT if _explicit_class == "gevent" else threads
     )
+# The limit is the replica's: workers x ES_MAX_IN_FLIGHT lock files in a directory of
+# this master, shared by its workers (executor/admission.py says why). Always this
+# instance's own: an inherited ES_ADMISSION_DIR belongs to another server.
+_ADMISSION_DIR = tempfile.mkdtemp(prefix="executor-admission-")
+os.environ["ES_ADMISSION_DIR"] = _ADMISSION_DIR
+for _i in range(workers * _int("ES_MAX_IN_FLIGHT", threads)):
+    open(os.path.join(_ADMISSION_DIR, f"slot-{_i:05d}"), "w").close()
 
 # Prometheus multiprocess mode: every worker writes its samples to files in
 # this directory and /metrics adds them up. It must be set before a worker
@@ -123,5 +152,6 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
+    shutil.rmtree(_ADMISSION_DIR, ignore_errors=True)
     if _METRICS_DIR.startswith(tempfile.gettempdir()) and "executor-metrics-" in _METRICS_DIR:
         shutil.rmtree(_METRICS_DIR, ignore_errors=True)

@@ -31,10 +31,10 @@ from typing import Any
 
 import sentry_sdk
 from flask import Flask, Response, g, jsonify, request
-from flask_smorest import Blueprint
 
 from .. import openai_errors
 from ..errors import APIError, Internal, UnknownModel
+from ..jsonbody import Blueprint
 from ..openai_errors import openai_error_body
 from .api import CALL_ENDPOINTS, request_id, state
 from .calls import ModelCall, Stream, open_stream, run_call

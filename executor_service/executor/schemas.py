@@ -8,6 +8,8 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 
 MAX_PROMPT_CHARS = 32_000
 MAX_MESSAGES = 256
+#: what a request id may be, in the body's ``request_id`` and in the X-Request-ID header
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 
 class MessageSchema(Schema):
@@ -34,7 +36,7 @@ class ExecuteRequestSchema(Schema):
     request_id = fields.String(
         load_default=None,
         allow_none=True,
-        validate=[validate.Length(min=1, max=128), validate.Regexp(r"^[A-Za-z0-9._:-]+$")],
+        validate=[validate.Length(min=1, max=128), validate.Regexp(REQUEST_ID_PATTERN)],
     )
 
     @validates_schema

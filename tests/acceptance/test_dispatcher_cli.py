@@ -105,7 +105,9 @@ def test_submit_follow_status_results(regions: tuple[Path, Path], tmp_path: Path
     assert down.returncode == 1 and "cannot reach the dispatcher" in down.stderr
 
 
-def test_sigterm_releases_calls_in_flight_and_a_restart_finishes(tmp_path: Path) -> None:
+def test_sigterm_keeps_the_seats_of_calls_in_flight_and_a_restart_finishes(
+    tmp_path: Path,
+) -> None:
     slow = {"sim": {"provider": "simulated", "latency_s": 2.0}}
     with Gunicorn(
         tmp_path,
@@ -116,8 +118,10 @@ def test_sigterm_releases_calls_in_flight_and_a_restart_finishes(tmp_path: Path)
         },
     ) as ex:
         regions_file = write_regions(tmp_path / "regions.toml", {"r1": (ex.url, 2, ["sim"])})
+        # calls of at most 5 s: their seats are free again 10 s after they were sent
+        regions_file.write_text(regions_file.read_text().replace("timeout_s = 30", "timeout_s = 5"))
         url = f"sqlite:///{tmp_path / 'd.db'}"
-        env = {"ES_SHUTDOWN_GRACE_S": "0.5"}
+        env = {"ES_SHUTDOWN_GRACE_S": "0.5", "ES_LEASE_S": "3"}
         first = DispatcherProcess(tmp_path, url, regions_file, env).start()
         api = first.api()
         job = api.submit({"questions": ["a", "b", "c"], "models": ["sim"]})
@@ -128,10 +132,14 @@ def test_sigterm_releases_calls_in_flight_and_a_restart_finishes(tmp_path: Path)
             after_stop = store.executions(job["id"])
         finally:
             store.close()
-        # released after the 0.5 s grace, not finished, not failed: back in the queue
-        # with no attempt counted
-        assert [(e.state.value, e.attempts) for e in after_stop] == [("queued", 0)] * 3
-        with DispatcherProcess(tmp_path, url, regions_file) as second:
+        # not released: the two calls may still run at the executor, so their seats stay
+        # taken (leased) until their deadline has passed; the third waits
+        assert sorted((e.state.value, e.attempts) for e in after_stop) == [
+            ("leased", 1),
+            ("leased", 1),
+            ("queued", 0),
+        ]
+        with DispatcherProcess(tmp_path, url, regions_file, {"ES_LEASE_S": "3"}) as second:
             api = second.api()
             wait_finished(api, job["id"], timeout=60)
             executions = api.results(job["id"])["executions"]

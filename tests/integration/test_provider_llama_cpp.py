@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from support import Gunicorn, wait_until
 
 from executor_service.executor.providers import (
     Call,
+    ProviderCancelled,
     ProviderFailure,
     ProviderTimeout,
     create_provider,
@@ -74,6 +76,21 @@ def test_a_short_deadline_stops_generation_quickly(smollm2: LlamaCppProvider) ->
     assert elapsed < 3.0, f"the call went on for {elapsed:.2f} s past a 0.05 s deadline"
     # The model is usable right after an interrupted call.
     assert smollm2.complete(ask("What is 2+2?", max_tokens=16)).output.strip()
+
+
+def test_a_call_is_stopped_when_its_client_goes_away(smollm2: LlamaCppProvider) -> None:
+    call = ask("Write a long story about a dragon.", timeout_s=60, max_tokens=512)
+    timer = threading.Timer(0.3, call.cancel.set)  # what the executor does on a hang-up
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ProviderCancelled):
+            smollm2.complete(call)
+    finally:
+        timer.cancel()
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0, f"the call went on for {elapsed:.2f} s after its client left"
+    assert smollm2.complete(ask("What is 2+2?", max_tokens=8)).output.strip()
 
 
 def test_a_long_prompt_is_aborted_at_the_deadline(smollm2: LlamaCppProvider) -> None:

@@ -80,3 +80,18 @@ def test_right_key_passes_and_probes_are_public(keyed_client: FlaskClient) -> No
     assert r.status_code == 200
     assert keyed_client.get("/health").status_code == 200
     assert keyed_client.get("/ready").status_code == 200
+
+
+def test_one_key_for_two_tenants_is_refused_at_start(tmp_path: Path) -> None:
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("team-b:shared\n")
+    settings = Settings.from_env(
+        environ={"ES_API_KEYS": "team-a:shared", "ES_API_KEYS_FILE": str(keyfile)}
+    )
+    with pytest.raises(ConfigError, match="same API key is configured twice") as refused:
+        KeyRing.from_settings(settings)
+    assert "shared" not in str(refused.value)  # the key itself is never printed
+    with pytest.raises(ConfigError), create_app(settings=settings).app_context():
+        pass
+    # the same key listed twice for the same tenant is harmless
+    assert KeyRing.parse(["t:k", "t:k"]).tenant_for("k") == "t"

@@ -300,3 +300,17 @@ def test_openapi_documents_the_routes_and_schemas(env: Env) -> None:
         "idempotency_key",
         "params",
     } <= set(schema["properties"])
+
+
+def test_csv_cells_cannot_be_spreadsheet_formulas(env: Env) -> None:
+    questions = ['=HYPERLINK("http://evil.example","x")', "+1+1", "-2+3", "@SUM(A1)", "fine"]
+    job_id = env.submit({"questions": questions, "models": ["m1"], "regions": ["us"]}).get_json()[
+        "id"
+    ]
+    r = env.client.get(f"/jobs/{job_id}/results?format=csv", headers=ALICE)
+    rows = list(csv.DictReader(io.StringIO(r.get_data(as_text=True))))
+    cells = sorted(row["question"] for row in rows)
+    assert cells == sorted(["'" + q for q in questions[:4]] + ["fine"])
+    # the JSON keeps the questions as they were asked
+    results = env.client.get(f"/jobs/{job_id}/results", headers=ALICE).get_json()
+    assert sorted(e["question"] for e in results["executions"]) == sorted(questions)

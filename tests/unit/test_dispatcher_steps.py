@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from executor_service.dispatcher import rules
 from executor_service.dispatcher.client import CallResult, Outcome
 from executor_service.dispatcher.regions import Regions
 from executor_service.dispatcher.rules import ClaimRequest
@@ -208,14 +209,48 @@ def test_heartbeat_keeps_a_running_call_leased_and_the_reaper_takes_a_dead_ones(
     assert not s.store.complete(e.id, crashed[0].token, {"output": "stale"}, s.clock(), T0)
 
 
-def test_stop_releases_calls_still_running() -> None:
+def test_stop_leaves_the_seats_of_running_calls_until_their_deadline() -> None:
+    """SIGTERM with calls longer than the grace: the calls still run at the executor, so
+    their seats stay taken until their deadline (timeout_s 60 + margin) has passed;
+    only then does a reaper give the work back, with the attempt recorded."""
     s = Stepper(CONFIG, regions(a=2), deferred=True)
     job = s.job(3, ["a"], Failover.ANY, max_attempts=3)
     s.dispatcher.step()
     assert s.dispatcher.in_flight() == 2
     assert s.dispatcher.stop(grace_s=0) == 2
-    assert [e.state for e in s.store.executions(job)] == [State.QUEUED] * 3
+    s.pools["a"].pending.clear()  # the process exits: its calls' answers never come
+    other = Stepper(CONFIG, regions(a=2))
+    other.store = s.store
+    spec = regions(a=2)["a"].spec()
+
+    def claim_now() -> int:
+        return len(s.store.claim(ClaimRequest(spec, 2, s.clock(), 30.0, "other", 20)))
+
+    s.clock.now = T0 + 64  # past the 30 s lease, before the calls' deadline: seats taken
+    assert s.dispatcher.reap_once() == 0
+    assert claim_now() == 0
+    s.clock.now = T0 + rules.seat_lease_s(30.0, 60.0) + 0.1
+    assert s.dispatcher.reap_once() == 2
+    leased = [e for e in s.store.executions(job) if e.attempt_log]
+    assert [[a.error["code"] for a in e.attempt_log] for e in leased] == [["lease_expired"]] * 2
+
+
+def test_a_crashed_workers_seat_is_free_only_after_its_call_deadline() -> None:
+    s = Stepper(CONFIG, regions(a=1), deferred=True)
+    s.job(2, ["a"], Failover.ANY, max_attempts=3)
+    s.dispatcher.step()  # the call is sent; then the process dies (no heartbeat, no answer)
     s.pools["a"].pending.clear()
+    spec = regions(a=1)["a"].spec()
+    survivor = Dispatcher(
+        s.store, regions(a=1), CONFIG, clock=s.clock, client_factory=lambda r: None
+    )  # type: ignore[arg-type, return-value]
+    for now in (T0 + 31, T0 + 50, T0 + 64):  # lease_s passed; the call may still run
+        s.clock.now = now
+        assert survivor.reap_once() == 0
+        assert s.store.claim(ClaimRequest(spec, 1, now, 30.0, "survivor", 20)) == []
+    s.clock.now = T0 + 65.1
+    assert survivor.reap_once() == 1
+    survivor.stop(grace_s=0)
 
 
 class BrokenStore(MemoryStore):

@@ -273,7 +273,8 @@ class MemoryStore(WorkbenchOps, MemoryPacing, Store):
             for execution_id, token in leases:
                 r = self.rows.get(execution_id)
                 if r is not None and r.holds(token):
-                    r.lease_expires_at = now + lease_s
+                    # never shorter: the lease covers its call (rules.seat_lease_s)
+                    r.lease_expires_at = max(r.lease_expires_at or 0.0, now + lease_s)
                     held.add(execution_id)
         return held
 

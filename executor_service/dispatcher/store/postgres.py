@@ -39,6 +39,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
+from psycopg_pool.base import AttemptWithBackoff
 
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import records
@@ -59,6 +60,33 @@ Cursor = psycopg.Cursor[DictRow]
 Q = load_queries("postgres")
 #: connect timeout of the claim loops' and the listener's own connections, seconds
 LOOP_CONNECT_TIMEOUT_S = 2
+
+# Store outages (the database refuses connections, restarts, fails over). Measured before:
+# store-bound requests waited psycopg_pool's default 30 s for a connection, and progress
+# resumed ~18 s after the database was back (the pool's reconnect backoff doubles).
+#: how long an operation waits for a pooled connection before it is a StoreError (503)
+CONNECTION_WAIT_S = 1.0
+#: a new connection that takes longer than this to open has failed
+CONNECT_TIMEOUT_S = 2
+#: while the database is away the pool tries to reconnect this often (no doubling)
+RECONNECT_EVERY_S = 0.5
+
+
+class _SteadyReconnect(AttemptWithBackoff):
+    """Reconnect attempts at a steady pace, so the pool is whole again within
+    RECONNECT_EVERY_S of the database's return, however long it was away."""
+
+    INITIAL_DELAY = RECONNECT_EVERY_S
+    DELAY_BACKOFF = 1.0
+
+
+class _Pool(ConnectionPool[Any]):
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        # psycopg_pool starts each reconnection with an AttemptWithBackoff of its own;
+        # this is the one place it does, so the steady pace is set here.
+        super()._add_connection(
+            attempt or _SteadyReconnect(timeout=self.reconnect_timeout), growing
+        )
 
 
 class PostgresStore(SQLStore[Cursor]):
@@ -85,13 +113,21 @@ class PostgresStore(SQLStore[Cursor]):
         self._claim_conns: list[psycopg.Connection[DictRow]] = []
         self._claim_conns_lock = threading.Lock()
         self._listeners: list[DueListener] = []
-        self._pool: ConnectionPool[Any] = ConnectionPool(
+        self._pool: ConnectionPool[Any] = _Pool(
             conninfo,
             min_size=min_size,
             max_size=max_size,
             open=False,
             name="executor-service-store",
-            kwargs={"autocommit": False, "row_factory": dict_row},
+            kwargs={
+                "autocommit": False,
+                "row_factory": dict_row,
+                "connect_timeout": CONNECT_TIMEOUT_S,
+            },
+            # A connection the database dropped (restart, failover) is found at checkout
+            # and replaced, instead of failing the operation that drew it.
+            check=ConnectionPool.check_connection,
+            timeout=CONNECTION_WAIT_S,
         )
         try:
             self._pool.open(wait=True, timeout=open_timeout_s)
@@ -122,7 +158,7 @@ class PostgresStore(SQLStore[Cursor]):
         place psycopg errors become StoreError. ``write`` is ignored: writers take
         row locks (and claim its region lock) as they go."""
         try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
+            with self._pool.connection(timeout=CONNECTION_WAIT_S) as conn, conn.cursor() as cur:
                 yield cur
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL store: {exc}") from exc

@@ -7,6 +7,7 @@ Anything else a provider raises is a bug: it becomes a 500 and goes to Sentry.
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -29,10 +30,16 @@ class Call:
     seed: int | None = None
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)
     request_id: str = ""
+    #: set when the client has gone away: a provider that can stop early does
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False)
 
     def remaining(self) -> float:
         """Seconds left before the deadline (may be negative)."""
         return self.deadline - time.monotonic()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,10 @@ class Chunk:
 
 class ProviderTimeout(ExecutorServiceError):
     """The provider did not answer before the call's deadline."""
+
+
+class ProviderCancelled(ExecutorServiceError):
+    """The call was stopped because its client went away (nobody reads the answer)."""
 
 
 class ProviderFailure(ExecutorServiceError):

@@ -21,7 +21,8 @@ native thread pool instead and the other greenlets keep serving.
 Each call evaluates its prompt from scratch (no prefix cache across calls), so
 the same greedy call gives the same answer every time.
 
-The deadline is checked after every generated token (a stopping criterion)
+The deadline, and whether the client is still there (``Call.cancel``), are checked
+after every generated token (a stopping criterion)
 and, while the prompt is evaluated (seconds for a long prompt on a small CPU),
 by llama.cpp's abort callback; either way the call ends within about one
 token's time of its deadline.
@@ -46,6 +47,7 @@ from .base import (
     Chunk,
     Completion,
     Provider,
+    ProviderCancelled,
     ProviderFailure,
     ProviderRejected,
     ProviderTimeout,
@@ -115,6 +117,8 @@ def deadline_llama_class() -> type:
     class DeadlineLlama(llama_cpp.Llama):
         deadline: float | None = None
         deadline_hit: bool = False
+        # The call's cancel event (its client went away): stops it like the deadline.
+        cancel: Any = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -126,7 +130,9 @@ def deadline_llama_class() -> type:
             llama_cpp.llama_set_abort_callback(self.ctx, self._abort_callback, None)
 
         def past_deadline(self) -> bool:
-            if self.deadline is not None and time.monotonic() >= self.deadline:
+            if (self.deadline is not None and time.monotonic() >= self.deadline) or (
+                self.cancel is not None and self.cancel.is_set()
+            ):
                 self.deadline_hit = True
             return self.deadline_hit
 
@@ -263,6 +269,11 @@ class LlamaCppProvider(Provider):
             raise self._call_failure(llama, exc, started) from None
         finally:
             llama.deadline = None
+            llama.cancel = None
+        if llama.deadline_hit and call.cancelled:
+            raise ProviderCancelled(
+                f"the client went away; stopped after {time.monotonic() - started:.3g} s"
+            )
         if llama.deadline_hit:
             raise ProviderTimeout(
                 f"generation stopped at the deadline after {time.monotonic() - started:.3g} s"
@@ -301,6 +312,7 @@ class LlamaCppProvider(Provider):
             if chunks is not None:
                 chunks.close()
             llama.deadline = None
+            llama.cancel = None
             self._lock.release()
 
         try:
@@ -374,12 +386,15 @@ class LlamaCppProvider(Provider):
         llama.reset()
         llama.deadline_hit = False
         llama.deadline = call.deadline
+        llama.cancel = call.cancel
 
     def _call_failure(self, llama: Any, exc: Exception, started: float) -> Exception:
         """What a ValueError (the prompt refused) or RuntimeError (llama_decode failed:
         aborted at the deadline, or worse) from llama-cpp-python means."""
         if isinstance(exc, ValueError):
             return self._input_failure(exc)
+        if llama.deadline_hit and llama.cancel is not None and llama.cancel.is_set():
+            return ProviderCancelled("the client went away during prompt evaluation")
         if llama.deadline_hit:
             return ProviderTimeout(
                 f"prompt evaluation stopped at the deadline after "

@@ -41,6 +41,7 @@ from .base import (
     Chunk,
     Completion,
     Provider,
+    ProviderCancelled,
     ProviderFailure,
     ProviderRateLimited,
     ProviderRejected,
@@ -145,8 +146,8 @@ class SimulatedProvider(Provider):
         if latency > call.remaining():
             time.sleep(max(0.0, call.remaining()))
             raise ProviderTimeout(f"simulated latency {latency:g} s exceeds the deadline")
-        if latency > 0:
-            time.sleep(latency)
+        if latency > 0 and call.cancel.wait(latency):
+            raise ProviderCancelled("the client went away")
         return self._answer(call, fail)
 
     def stream(self, call: Call) -> Iterator[Chunk]:

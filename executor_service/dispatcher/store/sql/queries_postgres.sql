@@ -191,7 +191,8 @@ FROM (SELECT id FROM executions
 WHERE e.id = q.id;
 
 -- name: heartbeat
-UPDATE executions AS e SET lease_expires_at = %(expires)s
+-- GREATEST: a heartbeat never shortens a lease that covers its call (rules.seat_lease_s).
+UPDATE executions AS e SET lease_expires_at = GREATEST(e.lease_expires_at, %(expires)s)
 FROM unnest(%(ids)s::bigint[], %(tokens)s::text[]) AS v(id, token)
 WHERE e.id = v.id AND e.lease_token = v.token AND e.state = 'leased'
 RETURNING e.id;

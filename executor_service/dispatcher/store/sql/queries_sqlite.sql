@@ -161,7 +161,8 @@ WHERE state = 'queued' AND requested_region = :region AND failover = 'any'
   AND (:model IS NULL OR model = :model);
 
 -- name: heartbeat
-UPDATE executions SET lease_expires_at = :expires
+-- max(): a heartbeat never shortens a lease that covers its call (rules.seat_lease_s).
+UPDATE executions SET lease_expires_at = max(lease_expires_at, :expires)
 WHERE id = :id AND lease_token = :token AND state = 'leased';
 
 -- name: complete
