@@ -110,6 +110,8 @@ class DispatcherProcess:
             "PROMETHEUS_MULTIPROC_DIR": str(metrics),
             **(env or {}),
         }
+        if not api and not (env and "ES_LOG_LEVEL" in env):
+            self.env["ES_LOG_LEVEL"] = "info"  # start() waits for "dispatcher started"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DispatcherProcess:
@@ -133,13 +135,23 @@ class DispatcherProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        if self.api_enabled:
-            try:
+        try:
+            if self.api_enabled:
                 wait_until(self._healthy, 60, what=f"dispatcher API on {self.url}")
-            except TimeoutError:
-                self.kill()
-                raise TimeoutError(f"dispatcher did not start:\n{self.log()}") from None
+            else:
+                # No API to ask: the worker is up once it has logged its start (the log
+                # level is info for this), so a job submitted next finds it claiming.
+                wait_until(self._worker_started, 60, what="dispatcher worker start")
+        except TimeoutError:
+            self.kill()
+            raise TimeoutError(f"dispatcher did not start:\n{self.log()}") from None
         return self
+
+    def _worker_started(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"dispatcher exited with {self.proc.returncode}:\n{self.log()}")
+        return "dispatcher started" in self.log()
 
     def _healthy(self) -> bool:
         import requests

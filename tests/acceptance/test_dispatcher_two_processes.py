@@ -38,9 +38,16 @@ def test_two_dispatchers_share_the_work_without_duplicates(tmp_path: Path) -> No
         regions = write_regions(
             tmp_path / "regions.toml", {"r1": (e1.url, 2, ["sim"]), "r2": (e2.url, 2, ["sim"])}
         )
+        # A process that holds a region's seats takes each freed one again at once, so a
+        # process that started late, or lost the first claim of both regions, could find
+        # every seat taken for the whole (short) job. So the worker-only process starts
+        # first and is claiming before the job exists, and each claim takes one execution
+        # (ES_TENANT_BATCH=1): the first claim of a region leaves its other seat to the
+        # other process.
+        env = {"ES_TENANT_BATCH": "1"}
         with (
-            DispatcherProcess(tmp_path, url, regions) as d1,
-            DispatcherProcess(tmp_path, url, regions, api=False) as d2,
+            DispatcherProcess(tmp_path, url, regions, env=env, api=False) as d2,
+            DispatcherProcess(tmp_path, url, regions, env=env) as d1,
         ):
             api = d1.api()
             job = api.submit({"questions": [f"q{i}" for i in range(QUESTIONS)], "models": ["sim"]})
