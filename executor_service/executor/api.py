@@ -134,6 +134,7 @@ def models() -> dict[str, Any]:
 
 
 @blp.route("/ready", methods=["GET"])
+@blp.doc(security=[])  # public: platforms probe it without credentials (auth.PUBLIC_PATHS)
 @blp.response(200)
 @blp.alt_response(503, description="not_ready: models loading or draining")
 def ready() -> dict[str, Any]:
@@ -173,7 +174,9 @@ def init_app(app: Flask, settings: ExecutorSettings, api: Any) -> None:
     catalog = Catalog.load(settings.catalog_path)
     limit = settings.max_in_flight or 8
     app.extensions["executor"] = ExecutorState(
-        settings=settings, catalog=catalog, admission=Admission(limit, settings.retry_after_s)
+        settings=settings,
+        catalog=catalog,
+        admission=Admission(limit, settings.retry_after_s, settings.admission_dir),
     )
     app.after_request(_observe)
     api.register_blueprint(blp)

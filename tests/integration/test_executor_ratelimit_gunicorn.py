@@ -36,6 +36,10 @@ def test_workers_share_one_limit(tmp_path: Path) -> None:
         "ES_CATALOG": str(catalog),
         "WEB_CONCURRENCY": "3",
         "GUNICORN_THREADS": "2",
+        # gthread: a worker accepts only as many connections as it has threads, so the
+        # 6 clients are spread over the 3 workers (a gevent worker may accept them all,
+        # and then the bucket's sharing between workers would not be tested).
+        "GUNICORN_WORKER_CLASS": "gthread",
         "GUNICORN_ACCESSLOG": "-",
     }
     body = {"model": "sim-rpm", "prompt": "What is 2+2?", "max_tokens": 8}
