@@ -61,6 +61,14 @@ def request_id(given: str | None = None) -> str:
     return header
 
 
+def _header_request_id() -> str | None:
+    """The X-Request-ID header when valid: echoed on errors raised before the call was
+    read (a body cut short by a client that died mid-send is answered 400 under the
+    id it was sent with, so its log line names the call)."""
+    header = request.headers.get("X-Request-ID")
+    return header if header and _REQUEST_ID.fullmatch(header) else None
+
+
 # Schema instances, not classes: webargs would build a schema per request, which
 # was a third of the executor's own overhead per call (E1).
 @blp.route("/execute", methods=["POST"])
@@ -154,7 +162,7 @@ CALL_ENDPOINTS = {"executor.execute"}
 def _observe(response: Response) -> Response:
     if request.endpoint not in CALL_ENDPOINTS:
         return response
-    rid = g.get("request_id")
+    rid = g.get("request_id") or _header_request_id()
     if rid:
         response.headers["X-Request-ID"] = rid
     if g.get("streamed"):  # counted when the stream ends (calls.Stream.close)

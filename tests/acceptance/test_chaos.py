@@ -177,7 +177,8 @@ def test_chaos_loses_nothing_doubles_nothing_and_never_overfills_a_region(
     # process never recorded is logged by the reaper as lease_expired); a lease claimed
     # but killed before its call was sent is logged too, so there may be more entries
     numbers = {(e["id"], a["number"]) for e in executions for a in e["attempt_log"]}
-    for request_id, _status in calls:
+    for request_id, status in calls:
+        assert request_id.count(".") == 2, ("a call logged without its id", status, figures)
         _job, execution, attempt = request_id.rsplit(".", 2)
         assert (int(execution), int(attempt)) in numbers, (request_id, figures)
     assert logged >= sum(calls.values()), figures

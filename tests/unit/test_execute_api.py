@@ -77,6 +77,27 @@ def test_invalid_json_is_400(client: FlaskClient) -> None:
     assert_error(r, 400, "invalid_json")
 
 
+def test_a_body_cut_short_is_answered_under_the_request_id_it_was_sent_with(
+    client: FlaskClient,
+) -> None:
+    # a dispatcher killed mid-send leaves a truncated body: its 400 names the call
+    r = client.post(
+        "/execute",
+        data='{"model": "sim", "pro',
+        content_type="application/json",
+        headers={"X-Request-ID": "job1.7.2"},
+    )
+    assert_error(r, 400, "invalid_json")
+    assert r.headers["X-Request-ID"] == "job1.7.2"
+    bad = client.post(
+        "/execute",
+        data="{",
+        content_type="application/json",
+        headers={"X-Request-ID": "not valid!"},
+    )
+    assert "X-Request-ID" not in bad.headers
+
+
 def test_unknown_model_is_404_and_lists_the_catalog(client: FlaskClient) -> None:
     err = assert_error(
         client.post("/execute", json={"model": "gpt-9", "prompt": "x"}), 404, "unknown_model"
