@@ -183,7 +183,9 @@ def test_one_result_the_database_refuses_fails_alone(postgres_databases: Postgre
         postgres_databases.drop(url)
 
 
-def test_sqlite_result_batches_commit_normal_and_everything_else_full(tmp_path: Path) -> None:
+def test_sqlite_result_batches_and_claims_commit_normal_and_everything_else_full(
+    tmp_path: Path,
+) -> None:
     store = open_store(sqlite_url(tmp_path))
     try:
         conn = store._conn  # type: ignore[attr-defined]
@@ -200,6 +202,18 @@ def test_sqlite_result_batches_commit_normal_and_everything_else_full(tmp_path: 
         _, (a,) = claim_all(store, 1)  # type: ignore[arg-type]
         assert store.complete(a.execution_id, a.token, {"output": "A"}, T0 + 1, T0)
         assert seen == [1]  # NORMAL inside the result batch
+        claimed: list[int] = []
+        real_claim = store._result_transaction  # type: ignore[attr-defined]
+
+        @contextmanager
+        def claim_spy() -> Iterator[Any]:
+            with real_claim() as db:
+                claimed.append(db.execute("PRAGMA synchronous").fetchone()["synchronous"])
+                yield db
+
+        store._result_transaction = claim_spy  # type: ignore[attr-defined]
+        store.claim(ClaimRequest(R1, limit=1, now=T0, lease_s=30.0, worker="w", tenant_batch=1))
+        assert claimed == [1]  # the claim too
         assert conn.execute("PRAGMA synchronous").fetchone()["synchronous"] == 2  # FULL after
         assert conn.execute("PRAGMA journal_mode").fetchone()["journal_mode"] == "wal"
     finally:
@@ -212,18 +226,20 @@ from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import open_store
 from executor_service.dispatcher.store.base import NewJob, RegionSpec
 store = open_store(sys.argv[1])
-job, _ = store.create_job(NewJob(tenant="acme", questions=["q"], models=["m1"],
+job, _ = store.create_job(NewJob(tenant="acme", questions=["q", "r"], models=["m1"],
                                  regions_by_model={"m1": ["r1"]}), 1000.0)
-region = RegionSpec("r1", concurrency=1, models=frozenset({"m1"}))
-(claim,) = store.claim(ClaimRequest(region, limit=1, now=1000.0, lease_s=30.0, worker="w",
-                                    tenant_batch=10))
+region = RegionSpec("r1", concurrency=2, models=frozenset({"m1"}))
+claim, other = store.claim(ClaimRequest(region, limit=2, now=1000.0, lease_s=30.0, worker="w",
+                                        tenant_batch=10))
 assert store.complete(claim.execution_id, claim.token, {"output": "kept"}, 1001.0, 1000.0)
-print(job.id, flush=True)
+print(job.id, other.token, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint: the WAL as it was written
 """
 
 
-def test_sqlite_a_result_written_at_normal_survives_a_process_crash(tmp_path: Path) -> None:
+def test_sqlite_a_claim_and_a_result_written_at_normal_survive_a_process_crash(
+    tmp_path: Path,
+) -> None:
     url = sqlite_url(tmp_path)
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(CRASH_AFTER_RESULT), url],
@@ -232,11 +248,13 @@ def test_sqlite_a_result_written_at_normal_survives_a_process_crash(tmp_path: Pa
         timeout=60,
     )
     assert done.returncode == -9, done.stderr
-    job_id = done.stdout.strip()
+    job_id, token = done.stdout.split()
     store = open_store(url)
     try:
-        (execution,) = store.executions(job_id)
-        assert (execution.state, execution.output) == (State.SUCCEEDED, "kept")
+        done_one, leased = store.executions(job_id)
+        assert (done_one.state, done_one.output) == (State.SUCCEEDED, "kept")
+        assert leased.state == State.LEASED  # the claim (NORMAL too) was kept
+        assert store.heartbeat([(leased.id, token)], 1002.0, 30.0) == {leased.id}
     finally:
         store.close()
 

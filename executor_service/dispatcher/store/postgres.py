@@ -47,7 +47,7 @@ from executor_service.dispatcher.store.base import NewJob, StoreError
 from executor_service.dispatcher.store.models import Claims
 from executor_service.dispatcher.store.pg_notify import NOTIFY_SQL, DueListener, payload
 from executor_service.dispatcher.store.sql_files import load_migrations, load_queries
-from executor_service.dispatcher.store.sql_store import SQLStore
+from executor_service.dispatcher.store.sql_store import ClaimState, SQLStore
 
 logger = logging.getLogger(__name__)
 
@@ -267,18 +267,19 @@ class PostgresStore(SQLStore[Cursor]):
 
     # -- scheduling -----------------------------------------------------------
     def claim(self, request: ClaimRequest) -> Claims:
+        """Three round trips on the claim loop's own connection: the region's advisory
+        lock with the claim's reads (``_claim_reads``); the candidate queries of
+        ``rules.pick`` (one, when no retry is due and one tenant has queued work);
+        the lease, the changed paces and the commit."""
         if request.empty:
             return Claims()
         args = {**self._claim_args(request), "namespace": _LOCK_NAMESPACE}
         with self._claim_transaction() as cur:
-            cur.execute(Q["lock_region"], args)
-            row = cur.execute(Q["count_leased"], args).fetchone()
-            free = min(request.limit, request.region.concurrency - (row["n"] if row else 0))
+            state = self._claim_reads(cur, args, request)
+            free = min(request.limit, request.region.concurrency - state.total_leased)
             if free <= 0:
                 return Claims()
-            picked, held = self._paced_pick(cur, args, request, free)
-            if not picked:
-                return Claims(held=held)
+            picked, held, changed = self._paced_pick(cur, args, request, free, state)
             tokens = [records.new_token() for _ in picked]
             lease = {
                 **args,
@@ -286,25 +287,34 @@ class PostgresStore(SQLStore[Cursor]):
                 "tokens": tokens,
                 "sources": [s.value for _, s, _ in picked],
             }
-            leased = {r["id"]: r for r in cur.execute(Q["lease"], lease)}
-            job_ids = sorted({r["job_id"] for r in leased.values()})
-            jobs = {r["id"]: r for r in cur.execute(Q["job_params"], {"job_ids": job_ids})}
-        return Claims(
-            [
-                records.claim_from_row(
-                    leased[execution_id],
-                    loads=self._loads,
-                    token=token,
-                    source=source.value,
-                    region=request.region.name,
-                    params=jobs[leased[execution_id]["job_id"]]["params"],
-                    lease_expires_at=request.expires,
-                    reserved_tokens=reserved,
-                    deadline_at=jobs[leased[execution_id]["job_id"]]["deadline_at"],
-                )
-                for (execution_id, source, reserved), token in zip(picked, tokens, strict=True)
-            ],
-            held,
+            conn = cur.connection
+            with conn.pipeline():
+                for pace in changed:
+                    conn.execute(Q["pace_put"], records.pace_args(pace))
+                leased = conn.execute(Q["lease"], lease) if picked else None
+                conn.commit()  # in the same round trip; _claim_transaction then has none to do
+            rows = [] if leased is None else leased.fetchall()
+        return self._claims(request, picked, tokens, rows, held)
+
+    def _claim_reads(self, cur: Cursor, args: dict[str, Any], request: ClaimRequest) -> ClaimState:
+        """The region's advisory lock, then the claim's reads, in one round trip (a
+        pipeline: each statement runs after the one before, so the lease count's snapshot
+        is taken once the lock is held and sees every lease its previous holder
+        committed)."""
+        conn = cur.connection
+        with conn.pipeline():
+            conn.execute(Q["lock_region"], args)
+            leased = conn.execute(Q["leased_by_model"], args)
+            paces = conn.execute(Q["claim_paces"], args)
+            due = conn.execute(Q["retries_due"], args)
+            tenants = conn.execute(Q["queued_tenants"], args)
+            by_tenant = conn.execute(Q["leased_by_tenant"], args)
+        return ClaimState(
+            {r["model"]: r["n"] for r in leased},
+            self._paces_of_claim(cur, request, paces.fetchall()),
+            bool(due.fetchone()["due"]),  # type: ignore[index]
+            [r["tenant"] for r in tenants],
+            {r["tenant"]: r["n"] for r in by_tenant},
         )
 
     def _own_retries(

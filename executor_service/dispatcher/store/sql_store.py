@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -50,6 +51,7 @@ from executor_service.dispatcher.store.base import (
     RegionSpec,
     Store,
 )
+from executor_service.dispatcher.store.models import Claims
 from executor_service.dispatcher.store.sql_results import ResultWrites
 from executor_service.dispatcher.store.sql_workbench import SQLWorkbenchOps
 
@@ -203,10 +205,6 @@ class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
             "handoff_due": request.handoff_due,
         }
 
-    def _queues(self, db: DB, args: dict[str, Any]) -> rules.ClaimQueues:
-        """The claim's candidate queries (rules.ClaimQueues) inside transaction ``db``."""
-        return _SQLQueues(self, db, args)
-
     def release(self, execution_id: int, token: str, now: float) -> bool:
         lease = {"id": execution_id, "token": token}
         with self._transaction(write=True) as db:
@@ -252,7 +250,43 @@ class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
             self._logger.warning("reaped %d expired leases", len(expired))
         return len(expired)
 
-    # -- pacing (rules.plan_claim, pacing.py) ------------------------------------
+    # -- the claim's reads and its pacing (rules.plan_claim, pacing.py) -----------
+    def _claim_reads(self, db: DB, args: dict[str, Any], request: ClaimRequest) -> ClaimState:
+        """What a claim reads before it picks, after the region's lock (SQLite: the write
+        lock; PostgreSQL overrides this to send them in one round trip after its advisory
+        lock): the region's leases per model, its pacing rows locked, whether any retry is
+        due, the tenants with queued work here and their leases here."""
+        q = self.queries
+        leased = {r["model"]: r["n"] for r in db.execute(q["leased_by_model"], args)}
+        paces = self._paces_of_claim(db, request, db.execute(q["claim_paces"], args).fetchall())
+        due = bool(db.execute(q["retries_due"], args).fetchone()["due"])
+        tenants = [r["tenant"] for r in db.execute(q["queued_tenants"], args)]
+        by_tenant = {r["tenant"]: r["n"] for r in db.execute(q["leased_by_tenant"], args)}
+        return ClaimState(leased, paces, due, tenants, by_tenant)
+
+    def _paces_of_claim(
+        self, db: DB, request: ClaimRequest, rows: Sequence[records.Row]
+    ) -> dict[str, Pace]:
+        """Every model's pace from the claim_paces rows; the rows missing (a model's first
+        claim) are created first (pacing.Pace.initial) and read again, locked."""
+        region, models = request.region.name, sorted(request.region.models)
+        found = {r["model"]: records.pace_from_row(r) for r in rows}
+        missing = [m for m in models if m not in found]
+        if missing:
+            limits = [request.max_limit(m) for m in missing]
+            key = {"region": region, "missing": self._list(missing), "limits": self._list(limits)}
+            db.execute(self.queries["claim_paces_insert"], key)
+            again = {"region": region, "models": self._list(missing)}
+            for r in db.execute(self.queries["claim_paces"], again):
+                found[r["model"]] = records.pace_from_row(r)
+        paces = {}
+        for model in models:
+            pace, max_limit = found[model], request.max_limit(model)
+            if pace.max_limit != max_limit:  # the regions file changed
+                pace = pacing.with_max_limit(pace, max_limit)
+            paces[model] = pace
+        return paces
+
     def _pace_for_update(self, db: DB, region: str, model: str, max_limit: int) -> Pace:
         """The (region, model)'s pacing row, created at first use, locked (PostgreSQL:
         FOR UPDATE; SQLite: the write lock) until the transaction ends."""
@@ -267,32 +301,24 @@ class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
         return pace
 
     def _paced_pick(
-        self, db: DB, args: dict[str, Any], request: ClaimRequest, free: int
-    ) -> tuple[list[tuple[int, rules.Source, int]], dict[str, Any]]:
-        """The claim inside its transaction, after the region's lease count: lock the
-        region's pacing rows, let ``rules.plan_claim`` say which models may take how
-        many, pick each group in the claim order, trim a budgeted model's picks to
-        what its buckets hold (``pacing.take`` on each execution's estimated tokens),
-        and write the buckets back. Returns (id, source, reserved tokens) to lease and
-        the models held back (with why)."""
-        region = request.region.name
-        paces = {
-            m: self._pace_for_update(db, region, m, request.max_limit(m))
-            for m in sorted(request.region.models)
-        }
-        before = dict(paces)
-        in_flight = {}
-        if rules.counts_in_flight(request, paces):  # a model below the region's slots
-            leased = db.execute(self.queries["leased_by_model"], {"region": region})
-            in_flight = {r["model"]: r["n"] for r in leased}
+        self, db: DB, args: dict[str, Any], request: ClaimRequest, free: int, state: ClaimState
+    ) -> tuple[list[tuple[int, rules.Source, int]], dict[str, Any], list[Pace]]:
+        """The claim inside its transaction, after its reads (``state``): let
+        ``rules.plan_claim`` say which models may take how many, pick each group in
+        the claim order, trim a budgeted model's picks to what its buckets hold
+        (``pacing.take`` on each execution's estimated tokens). Returns (id, source,
+        reserved tokens) to lease, the models held back (with why), and the paces
+        that changed (the caller writes them in the claim's transaction)."""
+        paces = dict(state.paces)
+        in_flight = state.leased if rules.counts_in_flight(request, paces) else {}
         groups, held = rules.plan_claim(request, paces, in_flight, free)
         picked: list[tuple[int, rules.Source, int]] = []
         for group in groups:
             n = min(group.limit, free - len(picked))
             if n <= 0:
                 break
-            queues = self._queues(db, {**args, "models": self._list(list(group.models))})
-            ids = rules.pick(queues, n, request.tenant_batch)
+            group_args = {**args, "models": self._list(list(group.models))}
+            ids = rules.pick(_SQLQueues(self, db, group_args, state), n, request.tenant_batch)
             if not group.budgeted:
                 picked += [(i, source, 0) for i, source in ids]
                 continue
@@ -308,10 +334,32 @@ class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
             ]
             if taken < len(ids):
                 held[model] = pacing.Allowance(0, "budget")
-        for model, pace in paces.items():
-            if pace != before[model]:
-                db.execute(self.queries["pace_put"], records.pace_args(pace))
-        return picked, held
+        changed = [pace for model, pace in paces.items() if pace != state.paces[model]]
+        return picked, held, changed
+
+    def _claims(
+        self, request: ClaimRequest, picked: Sequence[tuple[int, rules.Source, int]],
+        tokens: Sequence[str], rows: Iterable[records.Row], held: dict[str, Any],
+    ) -> Claims:  # fmt: skip
+        """The Claims of a lease statement's rows (each with its job's params)."""
+        leased = {r["id"]: r for r in rows}
+        return Claims(
+            [
+                records.claim_from_row(
+                    leased[execution_id],
+                    loads=self._loads,
+                    token=token,
+                    source=source.value,
+                    region=request.region.name,
+                    params=self._loads(leased[execution_id]["job_params"]),
+                    lease_expires_at=request.expires,
+                    reserved_tokens=reserved,
+                    deadline_at=leased[execution_id]["job_deadline_at"],
+                )
+                for (execution_id, source, reserved), token in zip(picked, tokens, strict=True)
+            ],
+            held,
+        )
 
     def _costs(self, db: DB, ids: list[int]) -> dict[int, int]:
         """Each execution's estimated tokens: prompt characters / 4 + its max_tokens."""
@@ -394,29 +442,44 @@ class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
         return QueueStats(global_retry=totals["global_retry"], regions=queues, dead=totals["dead"])
 
 
-class _SQLQueues(Generic[DB]):
-    """rules.ClaimQueues on a SQL store's named queries, inside one claim's transaction."""
+@dataclass(frozen=True)
+class ClaimState:
+    """What a claim read before picking (``SQLStore._claim_reads``), in its transaction."""
 
-    def __init__(self, store: SQLStore[DB], db: DB, args: dict[str, Any]) -> None:
-        self.store, self.db, self.args = store, db, args
+    leased: dict[str, int]  # the region's leases per model
+    paces: dict[str, Pace]  # every model's pace, locked
+    retries_due: bool  # False: claim steps 1 and 2 would find nothing
+    tenants: list[str]  # the queued_tenants answer
+    leased_by_tenant: dict[str, int]
+
+    @property
+    def total_leased(self) -> int:
+        return sum(self.leased.values())
+
+
+class _SQLQueues(Generic[DB]):
+    """rules.ClaimQueues on a SQL store's named queries, inside one claim's transaction;
+    the answers that do not depend on the group's models come from the claim's reads."""
+
+    def __init__(self, store: SQLStore[DB], db: DB, args: dict[str, Any], state: ClaimState):
+        self.store, self.db, self.args, self.state = store, db, args, state
 
     def _ids(self, name: str, **extra: Any) -> list[int]:
         return [r["id"] for r in self.db.execute(self.store.queries[name], {**self.args, **extra})]
 
     def global_retries(self, n: int) -> list[int]:
-        return self._ids("global_retries", n=n)
+        return self._ids("global_retries", n=n) if self.state.retries_due else []
 
     def own_retries(self, taken: list[int], n: int) -> list[int]:
+        if not self.state.retries_due:
+            return []
         return self.store._own_retries(self.db, self.args, taken, n)
 
     def queued_tenants(self) -> list[str]:
-        return [
-            r["tenant"] for r in self.db.execute(self.store.queries["queued_tenants"], self.args)
-        ]
+        return list(self.state.tenants)
 
     def leased_by_tenant(self) -> dict[str, int]:
-        rows = self.db.execute(self.store.queries["leased_by_tenant"], self.args)
-        return {r["tenant"]: r["n"] for r in rows}
+        return dict(self.state.leased_by_tenant)
 
     def tenant_new_work(self, tenant: str, n: int) -> list[int]:
         return self._ids("tenant_new_work", tenant=tenant, n=n)

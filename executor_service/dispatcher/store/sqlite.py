@@ -90,7 +90,8 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
                 mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()
                 self._wal = str(next(iter(mode.values()))).lower() == "wal"
             # FULL: a job acknowledged to a client survives a power cut, not just a crash.
-            # Result batches alone commit NORMAL (``_result_transaction``: why it is safe).
+            # Claims and result batches alone commit NORMAL (``_result_transaction``: why
+            # it is safe).
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             self._conn.execute("PRAGMA foreign_keys=ON")
@@ -132,26 +133,30 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
 
     @contextmanager
     def _result_transaction(self) -> Iterator[sqlite3.Connection]:
-        """A batch of result writes (group commit), committed with synchronous=NORMAL
-        under WAL; every other transaction stays FULL.
+        """A batch of result writes (group commit), or a claim, committed with
+        synchronous=NORMAL under WAL; every other transaction stays FULL.
 
         Why that is safe. Under WAL, a NORMAL commit appends the transaction's frames
         to the WAL file with write(2) but does not fsync it. A *process* crash (kill
         -9, OOM, a segfault) loses nothing: the bytes are in the kernel's page
         cache, and the next open replays the WAL. Only a power cut or a kernel crash
         can lose them, and then only the commits since the WAL's last fsync, which
-        the next FULL commit of any connection (a claim, a heartbeat, a job created,
-        at most a claim poll later while work is running) or a checkpoint makes.
+        the next FULL commit of any connection (a heartbeat, every lease_s / 3 while
+        calls run; a job created; a release, a reap) or a checkpoint makes.
         SQLite's WAL recovery keeps a prefix of the commit history (checksummed
         frames, replayed in order), so the file is never corrupt and what survives
-        is a consistent earlier state. In that state the lost results' executions
-        are still leased, with the lease they had: the lease expires, the reaper
-        returns them to the queue, and the calls run again - what happens anyway
-        when a dispatcher crashes between a call and its write (at-least-once
-        calls, one recorded result). A job, once acknowledged to its client, is
-        never lost: create_job commits FULL. The one thing a user may see after a
-        power cut is a result seen just before it computed again. ``:memory:``
-        databases have no WAL and nothing to sync: unchanged."""
+        is a consistent earlier state. In that state a lost result's execution is
+        still leased, with the lease it had: the lease expires, the reaper returns
+        it to the queue, and the call runs again - what happens anyway when a
+        dispatcher crashes between a call and its write (at-least-once calls, one
+        recorded result). A lost claim's execution is back where the claim found it
+        (queued, or a due retry), with its attempt not counted: it is claimed and
+        called again, and the lost lease's token writes nothing (fenced). Seats: a
+        power cut stops every process on the host, so no call holds a seat the
+        store forgot. A job, once acknowledged to its client, is never lost:
+        create_job commits FULL. The one thing a user may see after a power cut is
+        a result seen just before it computed again. ``:memory:`` databases have no
+        WAL and nothing to sync: unchanged."""
         with self._lock:
             relax = self._wal
             try:
@@ -209,40 +214,26 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
 
     # -- scheduling -----------------------------------------------------------
     def claim(self, request: ClaimRequest) -> Claims:
+        """One transaction under the write lock, committed at synchronous=NORMAL (see
+        ``_result_transaction``): the claim's reads (``_claim_reads``), the pick
+        (``_paced_pick``), then every lease in one UPDATE ... RETURNING."""
         if request.empty:
             return Claims()
         args = self._claim_args(request)
-        with self._transaction(write=True) as db:
-            leased = db.execute(Q["count_leased"], args).fetchone()["n"]
-            free = min(request.limit, request.region.concurrency - leased)
+        with self._result_transaction() as db:  # synchronous=NORMAL, as results
+            state = self._claim_reads(db, args, request)
+            free = min(request.limit, request.region.concurrency - state.total_leased)
             if free <= 0:
                 return Claims()
-            picked, held = self._paced_pick(db, args, request, free)
-            leased_rows = []
-            for execution_id, source, reserved in picked:
-                token = records.new_token()
-                lease = {**args, "id": execution_id, "token": token, "source": source.value}
-                row = db.execute(Q["lease"], lease).fetchone()
-                leased_rows.append((row, token, source, reserved))
-            job_ids = _json_list(sorted({row["job_id"] for row, _, _, _ in leased_rows}))
-            jobs = {r["id"]: r for r in db.execute(Q["job_params"], {"job_ids": job_ids})}
-        return Claims(
-            [
-                records.claim_from_row(
-                    row,
-                    loads=self._loads,
-                    token=token,
-                    source=source.value,
-                    region=request.region.name,
-                    params=self._loads(jobs[row["job_id"]]["params"]),
-                    lease_expires_at=request.expires,
-                    reserved_tokens=reserved,
-                    deadline_at=jobs[row["job_id"]]["deadline_at"],
-                )
-                for row, token, source, reserved in leased_rows
-            ],
-            held,
-        )
+            picked, held, changed = self._paced_pick(db, args, request, free, state)
+            for pace in changed:
+                db.execute(Q["pace_put"], records.pace_args(pace))
+            tokens = [records.new_token() for _ in picked]
+            rows: list[records.Row] = []
+            if picked:
+                leases = [[i, t, s.value] for (i, s, _), t in zip(picked, tokens, strict=True)]
+                rows = db.execute(Q["lease"], {**args, "leases": _json_list(leases)}).fetchall()
+        return self._claims(request, picked, tokens, rows, held)
 
     def _own_retries(
         self, db: sqlite3.Connection, args: dict[str, Any], taken: list[int], n: int

@@ -94,8 +94,15 @@ WHERE job_id = %(job_id)s AND state IN ('queued', 'leased', 'retry_wait') LIMIT 
 -- Held until commit: "count the leases, then lease" is atomic across processes.
 SELECT pg_advisory_xact_lock(%(namespace)s::integer, hashtext(%(region)s));
 
--- name: count_leased
-SELECT count(*) AS n FROM executions WHERE state = 'leased' AND executed_region = %(region)s;
+-- name: retries_due
+-- Whether claim steps 1 and 2 can find anything (a superset of both: any due failover-any
+-- retry, any due retry requested here). Two probes of partial indexes; when false (the
+-- common case under load) the claim skips the retry queries.
+SELECT EXISTS (SELECT 1 FROM executions
+               WHERE state = 'retry_wait' AND failover = 'any' AND due_at <= %(now)s)
+    OR EXISTS (SELECT 1 FROM executions
+               WHERE state = 'retry_wait' AND requested_region = %(region)s
+                 AND due_at <= %(now)s) AS due;
 
 -- name: global_retries
 -- Another region's failures this region may take over, oldest failure first.
@@ -164,18 +171,17 @@ ORDER BY priority DESC, job_created_at, job_id, question_index, id LIMIT %(n)s
 FOR UPDATE SKIP LOCKED;
 
 -- name: lease
+-- The picked rows (locked by the candidate queries) leased, with their job's params.
 UPDATE executions AS e
 SET state = 'leased', attempts = e.attempts + 1, lease_token = v.token,
     lease_expires_at = %(expires)s, leased_by = %(worker)s, leased_at = %(now)s,
     executed_region = %(region)s, claimed_from = v.source
-FROM unnest(%(ids)s::bigint[], %(tokens)s::text[], %(sources)s::text[]) AS v(id, token, source)
-WHERE e.id = v.id
+FROM unnest(%(ids)s::bigint[], %(tokens)s::text[], %(sources)s::text[]) AS v(id, token, source),
+     jobs AS j
+WHERE e.id = v.id AND j.id = e.job_id
 RETURNING e.id, e.job_id, e.tenant, e.question_index, e.question, e.model,
           e.requested_region, e.attempts, e.max_attempts, e.failover, e.deferrals, e.sample,
-          e.messages;
-
--- name: job_params
-SELECT id, params, deadline_at FROM jobs WHERE id = ANY(%(job_ids)s::text[]);
+          e.messages, j.params AS job_params, j.deadline_at AS job_deadline_at;
 
 -- name: divert_queued
 -- A region whose circuit is open hands its queued failover-any work to the global
@@ -296,6 +302,18 @@ ON CONFLICT (region, model) DO NOTHING;
 
 -- name: pace_get
 SELECT * FROM paces WHERE region = %(region)s AND model = %(model)s FOR UPDATE;
+
+-- name: claim_paces
+-- A claim's pacing rows, every model of the region at once, locked until commit.
+SELECT * FROM paces WHERE region = %(region)s AND model = ANY(%(models)s::text[])
+ORDER BY model FOR UPDATE;
+
+-- name: claim_paces_insert
+-- The claim's missing pacing rows (pacing.Pace.initial), created at their first claim.
+INSERT INTO paces (region, model, max_limit, lim)
+SELECT %(region)s, v.model, v.max_limit, v.max_limit
+FROM unnest(%(missing)s::text[], %(limits)s::integer[]) AS v(model, max_limit)
+ON CONFLICT (region, model) DO NOTHING;
 
 -- name: pace_put
 UPDATE paces

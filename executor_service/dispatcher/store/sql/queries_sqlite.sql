@@ -85,8 +85,14 @@ WHERE job_id = :job_id AND state IN ('queued', 'retry_wait');
 SELECT 1 FROM executions
 WHERE job_id = :job_id AND state IN ('queued', 'leased', 'retry_wait') LIMIT 1;
 
--- name: count_leased
-SELECT count(*) AS n FROM executions WHERE state = 'leased' AND executed_region = :region;
+-- name: retries_due
+-- Whether claim steps 1 and 2 can find anything (a superset of both: any due failover-any
+-- retry, any due retry requested here); when false the claim skips the retry queries.
+SELECT EXISTS (SELECT 1 FROM executions
+               WHERE state = 'retry_wait' AND failover = 'any' AND due_at <= :now)
+    OR EXISTS (SELECT 1 FROM executions
+               WHERE state = 'retry_wait' AND requested_region = :region
+                 AND due_at <= :now) AS due;
 
 -- name: global_retries
 -- Another region's failures this region may take over, oldest failure first.
@@ -141,16 +147,19 @@ WHERE state = 'queued' AND requested_region = :region AND tenant = :tenant
 ORDER BY priority DESC, job_created_at, job_id, question_index, id LIMIT :n;
 
 -- name: lease
+-- Every picked execution in one statement (:leases: a JSON array of [id, token, source]),
+-- with its job's params.
 UPDATE executions
-SET state = 'leased', attempts = attempts + 1, lease_token = :token,
+SET state = 'leased', attempts = attempts + 1, lease_token = v.token,
     lease_expires_at = :expires, leased_by = :worker, leased_at = :now,
-    executed_region = :region, claimed_from = :source
-WHERE id = :id
+    executed_region = :region, claimed_from = v.source
+FROM (SELECT value ->> 0 AS id, value ->> 1 AS token, value ->> 2 AS source
+      FROM json_each(:leases)) AS v
+WHERE executions.id = v.id
 RETURNING id, job_id, tenant, question_index, question, model, requested_region, attempts,
-          max_attempts, failover, deferrals, sample, messages;
-
--- name: job_params
-SELECT id, params, deadline_at FROM jobs WHERE id IN (SELECT value FROM json_each(:job_ids));
+          max_attempts, failover, deferrals, sample, messages,
+          (SELECT params FROM jobs WHERE jobs.id = executions.job_id) AS job_params,
+          (SELECT deadline_at FROM jobs WHERE jobs.id = executions.job_id) AS job_deadline_at;
 
 -- name: divert_queued
 -- A region whose circuit is open hands its queued failover-any work to the global
@@ -255,6 +264,19 @@ ON CONFLICT (region, model) DO NOTHING;
 
 -- name: pace_get
 SELECT * FROM paces WHERE region = :region AND model = :model;
+
+-- name: claim_paces
+-- A claim's pacing rows, every model of the region at once (under the write lock).
+SELECT * FROM paces WHERE region = :region AND model IN (SELECT value FROM json_each(:models))
+ORDER BY model;
+
+-- name: claim_paces_insert
+-- The claim's missing pacing rows (pacing.Pace.initial), created at their first claim.
+INSERT INTO paces (region, model, max_limit, lim)
+SELECT :region, m.value, l.value, l.value
+FROM json_each(:missing) AS m JOIN json_each(:limits) AS l ON l.key = m.key
+WHERE true
+ON CONFLICT (region, model) DO NOTHING;
 
 -- name: pace_put
 UPDATE paces
