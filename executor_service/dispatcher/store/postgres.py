@@ -179,6 +179,8 @@ class PostgresStore(SQLStore[Cursor]):
                     row_factory=dict_row,
                     connect_timeout=self._connect_timeout,
                 )
+                conn.execute(Q["claim_reads_function"])  # this session's, see claim_reads
+                conn.commit()
                 self._claim_local.conn = conn
                 with self._claim_conns_lock:
                     self._claim_conns.append(conn)
@@ -267,10 +269,11 @@ class PostgresStore(SQLStore[Cursor]):
 
     # -- scheduling -----------------------------------------------------------
     def claim(self, request: ClaimRequest) -> Claims:
-        """Three round trips on the claim loop's own connection: the region's advisory
-        lock with the claim's reads (``_claim_reads``); the candidate queries of
-        ``rules.pick`` (one, when no retry is due and one tenant has queued work);
-        the lease, the changed paces and the commit."""
+        """Four round trips on the claim loop's own connection when no retry is due and
+        one tenant has queued work: the region's advisory lock with the claim's reads
+        (``_claim_reads``); the candidate query of ``rules.pick``; the lease, with its
+        jobs' params; the commit. (psycopg's pipeline mode was tried for the first and
+        for the last two: more waits per claim on loopback, not fewer.)"""
         if request.empty:
             return Claims()
         args = {**self._claim_args(request), "namespace": _LOCK_NAMESPACE}
@@ -287,34 +290,22 @@ class PostgresStore(SQLStore[Cursor]):
                 "tokens": tokens,
                 "sources": [s.value for _, s, _ in picked],
             }
-            conn = cur.connection
-            with conn.pipeline():
-                for pace in changed:
-                    conn.execute(Q["pace_put"], records.pace_args(pace))
-                leased = conn.execute(Q["lease"], lease) if picked else None
-                conn.commit()  # in the same round trip; _claim_transaction then has none to do
-            rows = [] if leased is None else leased.fetchall()
+            for pace in changed:  # only when a budget or a limit moved
+                cur.execute(Q["pace_put"], records.pace_args(pace))
+            rows = cur.execute(Q["lease"], lease).fetchall() if picked else []
         return self._claims(request, picked, tokens, rows, held)
 
     def _claim_reads(self, cur: Cursor, args: dict[str, Any], request: ClaimRequest) -> ClaimState:
-        """The region's advisory lock, then the claim's reads, in one round trip (a
-        pipeline: each statement runs after the one before, so the lease count's snapshot
-        is taken once the lock is held and sees every lease its previous holder
-        committed)."""
-        conn = cur.connection
-        with conn.pipeline():
-            conn.execute(Q["lock_region"], args)
-            leased = conn.execute(Q["leased_by_model"], args)
-            paces = conn.execute(Q["claim_paces"], args)
-            due = conn.execute(Q["retries_due"], args)
-            tenants = conn.execute(Q["queued_tenants"], args)
-            by_tenant = conn.execute(Q["leased_by_tenant"], args)
+        """The region's advisory lock and the claim's reads in one round trip: the
+        claim connection's temporary function ``es_claim_reads`` (claim_reads_function)
+        takes the lock, then runs each read with a snapshot of its own, after the lock."""
+        reads = cur.execute(Q["claim_reads"], args).fetchone()["reads"]  # type: ignore[index]
         return ClaimState(
-            {r["model"]: r["n"] for r in leased},
-            self._paces_of_claim(cur, request, paces.fetchall()),
-            bool(due.fetchone()["due"]),  # type: ignore[index]
-            [r["tenant"] for r in tenants],
-            {r["tenant"]: r["n"] for r in by_tenant},
+            dict(reads["leased"]),
+            self._paces_of_claim(cur, request, reads["paces"]),
+            bool(reads["due"]),
+            list(reads["tenants"]),
+            dict(reads["leased_by_tenant"]),
         )
 
     def _own_retries(

@@ -94,15 +94,55 @@ WHERE job_id = %(job_id)s AND state IN ('queued', 'leased', 'retry_wait') LIMIT 
 -- Held until commit: "count the leases, then lease" is atomic across processes.
 SELECT pg_advisory_xact_lock(%(namespace)s::integer, hashtext(%(region)s));
 
--- name: retries_due
--- Whether claim steps 1 and 2 can find anything (a superset of both: any due failover-any
--- retry, any due retry requested here). Two probes of partial indexes; when false (the
--- common case under load) the claim skips the retry queries.
-SELECT EXISTS (SELECT 1 FROM executions
-               WHERE state = 'retry_wait' AND failover = 'any' AND due_at <= %(now)s)
-    OR EXISTS (SELECT 1 FROM executions
-               WHERE state = 'retry_wait' AND requested_region = %(region)s
-                 AND due_at <= %(now)s) AS due;
+-- name: claim_reads_function
+-- The claim's reads in one round trip, created on each claim connection when it opens (a
+-- temporary function: no migration, nothing left behind). The region's advisory lock first;
+-- then each query, in a volatile function at READ COMMITTED, takes a snapshot of its own,
+-- after the lock: the lease counts see every lease the lock's previous holder committed.
+-- The parts are SQLite's named queries of the same names (sqlite.py runs them one by
+-- one): leased_by_model, claim_paces (here locked FOR UPDATE), retries_due (a superset of
+-- claim steps 1 and 2: when false the claim skips the retry queries), queued_tenants (a
+-- loose index scan, one probe per tenant) and leased_by_tenant.
+CREATE OR REPLACE FUNCTION pg_temp.es_claim_reads(
+    p_namespace integer, p_region text, p_models text[], p_now double precision)
+RETURNS jsonb LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    leased jsonb; paces jsonb; due boolean; tenants jsonb; by_tenant jsonb;
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_namespace, hashtext(p_region));
+    SELECT coalesce(jsonb_object_agg(l.model, l.n), '{}'::jsonb) INTO leased
+    FROM (SELECT model, count(*) AS n FROM executions
+          WHERE state = 'leased' AND executed_region = p_region GROUP BY model) AS l;
+    SELECT coalesce(jsonb_agg(to_jsonb(p) ORDER BY p.model), '[]'::jsonb) INTO paces
+    FROM (SELECT * FROM paces WHERE region = p_region AND model = ANY(p_models)
+          ORDER BY model FOR UPDATE) AS p;
+    SELECT EXISTS (SELECT 1 FROM executions
+                   WHERE state = 'retry_wait' AND failover = 'any' AND due_at <= p_now)
+        OR EXISTS (SELECT 1 FROM executions
+                   WHERE state = 'retry_wait' AND requested_region = p_region
+                     AND due_at <= p_now) INTO due;
+    WITH RECURSIVE t(tenant) AS (
+        SELECT (SELECT tenant FROM executions
+                WHERE state = 'queued' AND requested_region = p_region
+                ORDER BY tenant LIMIT 1)
+        UNION ALL
+        SELECT (SELECT e.tenant FROM executions e
+                WHERE e.state = 'queued' AND e.requested_region = p_region
+                  AND e.tenant > t.tenant
+                ORDER BY e.tenant LIMIT 1)
+        FROM t WHERE t.tenant IS NOT NULL)
+    SELECT coalesce(jsonb_agg(tenant), '[]'::jsonb) INTO tenants FROM t WHERE tenant IS NOT NULL;
+    SELECT coalesce(jsonb_object_agg(b.tenant, b.n), '{}'::jsonb) INTO by_tenant
+    FROM (SELECT tenant, count(*) AS n FROM executions
+          WHERE state = 'leased' AND executed_region = p_region GROUP BY tenant) AS b;
+    RETURN jsonb_build_object('leased', leased, 'paces', paces, 'due', due,
+                              'tenants', tenants, 'leased_by_tenant', by_tenant);
+END
+$fn$;
+
+-- name: claim_reads
+SELECT pg_temp.es_claim_reads(%(namespace)s::integer, %(region)s, %(models)s::text[],
+                              %(now)s::double precision) AS reads;
 
 -- name: global_retries
 -- Another region's failures this region may take over, oldest failure first.
@@ -145,23 +185,6 @@ CROSS JOIN LATERAL (
            OR e.due_at <= %(handoff_due)s)
     FOR UPDATE SKIP LOCKED) AS locked
 ORDER BY c.ord;
-
--- name: queued_tenants
--- A loose index scan: one index probe per tenant, however long each tenant's queue.
-WITH RECURSIVE t(tenant) AS (
-    SELECT (SELECT tenant FROM executions
-            WHERE state = 'queued' AND requested_region = %(region)s
-            ORDER BY tenant LIMIT 1)
-    UNION ALL
-    SELECT (SELECT e.tenant FROM executions e
-            WHERE e.state = 'queued' AND e.requested_region = %(region)s AND e.tenant > t.tenant
-            ORDER BY e.tenant LIMIT 1)
-    FROM t WHERE t.tenant IS NOT NULL)
-SELECT tenant FROM t WHERE tenant IS NOT NULL;
-
--- name: leased_by_tenant
-SELECT tenant, count(*) AS n FROM executions
-WHERE state = 'leased' AND executed_region = %(region)s GROUP BY tenant;
 
 -- name: tenant_new_work
 SELECT id FROM executions
@@ -290,10 +313,6 @@ SELECT r.name,
         WHERE state = 'leased' AND executed_region = r.name) AS in_flight,
        coalesce(c.circuit, 'closed') AS circuit, c.open_until
 FROM unnest(%(regions)s::text[]) AS r(name) LEFT JOIN regions c ON c.name = r.name;
-
--- name: leased_by_model
-SELECT model, count(*) AS n FROM executions
-WHERE state = 'leased' AND executed_region = %(region)s GROUP BY model;
 
 -- name: pace_insert
 -- A (region, model)'s pacing row, created at its first claim (pacing.Pace.initial).
