@@ -164,8 +164,10 @@ def main() -> int:
                       f"{1000 * sum(spent) / n:7.3f} ms/claim")  # fmt: skip
             inside = sum(sum(v) for v in stats.values()) / n
             # on PostgreSQL the pipelines' time is in "outside SQL"
-            print(f"  {'(Python, outside SQL)':24s}        "
-                  f"{1000 * (statistics.mean(times) - inside):7.3f} ms/claim")
+            print(
+                f"  {'(Python, outside SQL)':24s}        "
+                f"{1000 * (statistics.mean(times) - inside):7.3f} ms/claim"
+            )
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     return 0
 
