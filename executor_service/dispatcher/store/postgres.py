@@ -298,7 +298,9 @@ class PostgresStore(SQLStore[Cursor]):
     def _claim_reads(self, cur: Cursor, args: dict[str, Any], request: ClaimRequest) -> ClaimState:
         """The region's advisory lock and the claim's reads in one round trip: the
         claim connection's temporary function ``es_claim_reads`` (claim_reads_function)
-        takes the lock, then runs each read with a snapshot of its own, after the lock."""
+        takes the lock, then runs each read with a snapshot of its own, after the lock.
+        A temporary function lives in its session: like LISTEN, the claim connection
+        must be a server session of its own (no transaction-mode pooler in between)."""
         reads = cur.execute(Q["claim_reads"], args).fetchone()["reads"]  # type: ignore[index]
         return ClaimState(
             dict(reads["leased"]),
