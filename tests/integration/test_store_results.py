@@ -23,7 +23,14 @@ from store_fixtures import PostgresDatabases, sqlite_url
 
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store import open_store
-from executor_service.dispatcher.store.base import Claim, NewJob, RegionSpec, State, StoreError
+from executor_service.dispatcher.store.base import (
+    Claim,
+    Failover,
+    NewJob,
+    RegionSpec,
+    State,
+    StoreError,
+)
 from executor_service.dispatcher.store.sql_store import SQLStore
 
 T0 = 1_000.0
@@ -284,6 +291,57 @@ def test_postgres_claims_use_their_own_connection_and_recover_when_it_dies(
         assert len(claim_one()) == 1  # a fresh connection
         states = [e.state for e in store.executions(job.id)]
         assert states == [State.LEASED] * 3
+    finally:
+        store.close()
+        postgres_databases.drop(url)
+
+
+@pytest.mark.postgres
+def test_postgres_claim_takes_four_round_trips_under_a_backlog(
+    postgres_databases: PostgresDatabases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim's cost is its round trips under the region's lock (docs: "The claim"):
+    the lock with the reads, the new-work candidates, the lease, the commit. A retry due
+    adds the retry queries, and the global retry is still taken first."""
+    url = postgres_databases.create()
+    store = open_store(url)
+    try:
+        store.create_job(new_job(40), T0)
+        waits: list[int] = []
+        real_wait = psycopg.Connection.wait
+
+        def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            waits.append(1)
+            return real_wait(self, *args, **kwargs)
+
+        def claim(n: int, now: float = T0) -> list[Claim]:
+            request = ClaimRequest(R1, limit=n, now=now, lease_s=30.0, worker="w", tenant_batch=10)
+            return store.claim(request)
+
+        claim(4)  # opens the claim connection and makes the pacing row
+        monkeypatch.setattr(psycopg.Connection, "wait", counted)
+        for _ in range(6):  # past psycopg's prepare threshold
+            waits.clear()
+            assert len(claim(4)) == 4
+        assert len(waits) == 4
+        monkeypatch.setattr(psycopg.Connection, "wait", real_wait)
+        other = RegionSpec("r2", concurrency=10, models=frozenset({"m1"}))
+        store.create_job(
+            NewJob(
+                tenant="acme",
+                questions=["q"],
+                models=["m1"],
+                regions_by_model={"m1": ["r2"]},
+                failover=Failover.ANY,
+            ),
+            T0,
+        )
+        (mine,) = store.claim(
+            ClaimRequest(other, limit=1, now=T0, lease_s=30.0, worker="w", tenant_batch=10)
+        )
+        assert store.fail(mine.execution_id, mine.token, {"code": "x"}, T0 + 1, T0, T0 + 2)
+        first, *_ = claim(4, now=T0 + 3)  # the retry is due: r1 takes it first
+        assert (first.execution_id, first.source) == (mine.execution_id, "global_retry")
     finally:
         store.close()
         postgres_databases.drop(url)
