@@ -153,7 +153,8 @@ UPDATE executions
 SET state = 'leased', attempts = attempts + 1, lease_token = v.token,
     lease_expires_at = :expires, leased_by = :worker, leased_at = :now,
     executed_region = :region, claimed_from = v.source
-FROM (SELECT value ->> 0 AS id, value ->> 1 AS token, value ->> 2 AS source
+FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS token,
+             json_extract(value, '$[2]') AS source
       FROM json_each(:leases)) AS v
 WHERE executions.id = v.id
 RETURNING id, job_id, tenant, question_index, question, model, requested_region, attempts,
