@@ -15,7 +15,7 @@ when its breaker opens and every cool-down after). What a divert moves is here
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
@@ -80,6 +80,8 @@ class Source(StrEnum):
     GLOBAL_RETRY = "global_retry"
     OWN_RETRY = "own_retry"
     NEW = "new"
+    # schedule-to-start: another region's queued failover-any work, queued too long there
+    STALE = "schedule_to_start"
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ class ClaimRequest:
     circuit_caps: Mapping[str, int] | None = None
     # Per model: its rpm/tpm budget and concurrency ceiling (regions file limits).
     budgets: Mapping[str, Budget] = field(default_factory=dict)
+    # Schedule-to-start (claim step 4): an idle region takes other regions' failover-any
+    # work queued this long (None: never).
+    schedule_to_start_s: float | None = None
 
     @property
     def expires(self) -> float:
@@ -108,6 +113,12 @@ class ClaimRequest:
         """A failover-any retry that failed in this region is its own again once it has
         been due since this time (``now - retry_handoff_s``)."""
         return self.now - max(0.0, self.retry_handoff_s)
+
+    @property
+    def stale_before(self) -> float | None:
+        """Queued work created before this time has waited past schedule-to-start."""
+        s = self.schedule_to_start_s
+        return None if s is None or s <= 0 else self.now - s
 
     @property
     def empty(self) -> bool:
@@ -174,6 +185,61 @@ def plan_claim(
     return groups, held
 
 
+# -- hedged calls (dispatcher/hedging.py runs them) -------------------------------------
+
+
+def hedgeable(params: Mapping[str, Any]) -> bool:
+    """A second copy of a call may stand in for the first only if both would give the same
+    kind of answer: never for temperature > 0 without a seed (two samples, not one)."""
+    temperature = float(params.get("temperature") or 0.0)
+    return temperature <= 0.0 or params.get("seed") is not None
+
+
+def hedge_budget(total: int, max_fraction: float) -> int:
+    """How many hedges a job of ``total`` executions may send in all (every process):
+    never more than ``max_fraction`` extra calls, rounded down (a small job gets none)."""
+    return int(total * max_fraction + 1e-9)
+
+
+def in_tail(unfinished: int, total: int, tail_fraction: float) -> bool:
+    """A job's remaining calls are few: at most ``tail_fraction`` of its executions (and at
+    least its last one) are not final yet."""
+    return 0 < unfinished <= max(1, int(total * tail_fraction + 1e-9))
+
+
+def straggling(elapsed_s: float, p95_s: float | None) -> bool:
+    """A call has run longer than its (region, model)'s observed p95 (None: too few
+    observations to tell, never a straggler)."""
+    return p95_s is not None and elapsed_s > p95_s
+
+
+def hedge_regions(failover: Failover, region: str, serving: Sequence[str]) -> list[str]:
+    """Where a straggler's hedge may run, in order of preference: its own region only for
+    failover "none" (a comparison never mixes regions); for "any", the other regions
+    serving the model first (the straggler may be its region's trouble), then its own."""
+    if failover is Failover.NONE:
+        return [region]
+    return [*sorted(r for r in serving if r != region), region]
+
+
+@dataclass(frozen=True)
+class HedgeRequest:
+    """A hedge of one leased execution: a second call in ``claim.region`` (limit 1, the
+    hedge region's budgets and circuits), while the lease ``token`` is still current,
+    within the job's budget of ``max_hedges``."""
+
+    claim: ClaimRequest
+    execution_id: int
+    token: str
+    model: str
+    max_hedges: int
+
+    def for_model(self) -> ClaimRequest:
+        """The claim request plan_claim decides the hedge with: this model alone, one slot."""
+        region = replace(self.claim.region, models=frozenset({self.model}))
+        return replace(self.claim, region=region, limit=1)
+
+
 # -- the claim order ------------------------------------------------------------------
 
 
@@ -190,7 +256,10 @@ class ClaimQueues(Protocol):
     - ``queued_tenants`` / ``leased_by_tenant``: tenants with queued work requested here /
       executions leased here per tenant;
     - ``tenant_new_work``: the tenant's queued work requested here for a model served
-      here, by priority (high first), job age, job, question order.
+      here, by priority (high first), job age, job, question order;
+    - ``stale_queued``: schedule-to-start, queued, failover any, requested in another
+      region, created before ``ClaimRequest.stale_before``, model served here;
+      oldest first (empty, without a query, when schedule-to-start is off).
     """
 
     def global_retries(self, n: int) -> list[int]: ...
@@ -203,11 +272,15 @@ class ClaimQueues(Protocol):
 
     def tenant_new_work(self, tenant: str, n: int) -> list[int]: ...
 
+    def stale_queued(self, n: int) -> list[int]: ...
+
 
 def pick(queues: ClaimQueues, free: int, tenant_batch: int) -> list[tuple[int, Source]]:
     """The claim order (see Store.claim): the ids to lease for ``free`` slots, each with
     the queue it came from. 1. the global retry queue; 2. the region's own retries;
-    3. new work, round-robin across tenants (fewest in flight here first)."""
+    3. new work, round-robin across tenants (fewest in flight here first); 4. with slots
+    still free (the region is idle), other regions' failover-any work queued longer than
+    schedule-to-start (DESIGN.md, Timeouts): an idle region serving the model takes it."""
     picked = [(i, Source.GLOBAL_RETRY) for i in queues.global_retries(free)]
     if len(picked) < free:
         own = queues.own_retries([i for i, _ in picked], free - len(picked))
@@ -216,6 +289,9 @@ def pick(queues: ClaimQueues, free: int, tenant_batch: int) -> list[tuple[int, S
         tenants = order_tenants(queues.queued_tenants(), queues.leased_by_tenant())
         new = round_robin(tenants, queues.tenant_new_work, tenant_batch, free - len(picked))
         picked += [(i, Source.NEW) for i in new]
+    if len(picked) < free:
+        stale = queues.stale_queued(free - len(picked))
+        picked += [(i, Source.STALE) for i in stale]
     return picked
 
 
@@ -291,8 +367,9 @@ def after_release(
     claimed_from: str | None, cancelled: bool, last_region: str | None, now: float
 ) -> Transition:
     """A lease given back unused (shutdown): back to the queue it was claimed from, as if
-    never claimed (the store gives the attempt back), or cancelled if its job was."""
-    new = claimed_from == Source.NEW.value
+    never claimed (the store gives the attempt back), or cancelled if its job was. Work
+    taken by schedule-to-start goes back to its own region's queue, as new work does."""
+    new = claimed_from in (Source.NEW.value, Source.STALE.value)
     executed_region = None if new else last_region
     if cancelled:
         return Transition(

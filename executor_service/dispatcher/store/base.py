@@ -38,7 +38,7 @@ from executor_service.exceptions import ExecutorServiceError
 
 if TYPE_CHECKING:
     from executor_service.dispatcher.pacing import Pace, PaceChange
-    from executor_service.dispatcher.rules import ClaimRequest
+    from executor_service.dispatcher.rules import ClaimRequest, HedgeRequest
 
 __all__ = [  # the records are defined in models.py
     "NOT_SUBSCRIBED",
@@ -257,6 +257,39 @@ class Store(ABC):
         region. Rows another claimer holds locked right now are skipped (the next
         divert takes them).
         Returns how many were moved."""
+
+    # -- hedged calls (hedging.py) ----------------------------------------------
+    @abstractmethod
+    def hedge(self, request: HedgeRequest) -> Claim | None:
+        """Take a seat in ``request.claim.region`` for a second call of a leased execution
+        whose lease ``request.token`` is still current, or None. Atomic with claims (the
+        region's lock): the region's leases plus hedge seats never exceed its
+        concurrency; the model's pacing (``rules.plan_claim`` for one slot: not_before,
+        adaptive concurrency, rpm/tpm, circuit) holds it back like a claim, and its
+        tokens are reserved; the job's hedges across every process stay within
+        ``request.max_hedges``. The execution's ``hedges`` counter gives the hedge its
+        own call number (the Claim's ``call``); its token is the seat's (``hedge_of``:
+        the lease it races). The seat lasts until ``end_seat`` or ``claim.expires``."""
+
+    @abstractmethod
+    def complete_hedge(
+        self, execution_id: int, token: str, result: dict[str, Any], now: float, started_at: float
+    ) -> bool:
+        """The hedge (seat ``token``) answered: if the lease it races is still current,
+        the execution succeeds with this answer (executed_region = the hedge's region,
+        attempt-log entry with the hedge's number), the hedge's seat ends, and the lease
+        it raced becomes a seat of its own, held until that call ends (``end_seat``) or
+        its lease would have expired: the first call's later answer is fenced out (its
+        token is no longer a lease). False (nothing written) if the first call's result
+        (or a reap, a release) came first."""
+
+    @abstractmethod
+    def end_seat(
+        self, execution_id: int, token: str, error: dict[str, Any], now: float, started_at: float
+    ) -> bool:
+        """A call holding a seat (a hedge, or the loser of a hedge race) ended: free the
+        seat and log the call in the attempt log as not ok with ``error`` (why its answer
+        was not used). False if there was no such seat (already ended or expired)."""
 
     # -- regions ------------------------------------------------------------
     @abstractmethod

@@ -40,6 +40,7 @@ from executor_service.dispatcher.store.base import (
     StoreError,
 )
 from executor_service.dispatcher.store.memory_claims import MemoryPacing, _Queues
+from executor_service.dispatcher.store.memory_hedges import MemoryHedges, Seat
 from executor_service.dispatcher.store.memory_workbench import WorkbenchOps
 
 
@@ -83,9 +84,19 @@ class ExecutionRow:
     sample: int = 0
     messages: list[dict[str, str]] | None = None
     attempt_base: int = 0
+    hedges: int = 0
+    hedged_lease: str | None = None
 
     def holds(self, token: str) -> bool:
         return self.state == State.LEASED.value and self.lease_token == token
+
+    @property
+    def call_number(self) -> int:
+        """The current lease's call number (the SQL stores' call_number): a hedge of
+        this lease has the next one."""
+        return (
+            self.attempts + self.deferrals + self.hedges - (self.hedged_lease == self.lease_token)
+        )
 
 
 @dataclass
@@ -97,7 +108,7 @@ class JobRow:
 
 
 @dataclass
-class MemoryStore(WorkbenchOps, MemoryPacing, Store):
+class MemoryStore(WorkbenchOps, MemoryHedges, MemoryPacing, Store):
     """The Store in this process's memory. Thread-safe (one lock)."""
 
     rows: dict[int, ExecutionRow] = field(default_factory=dict)
@@ -105,6 +116,7 @@ class MemoryStore(WorkbenchOps, MemoryPacing, Store):
     attempts: dict[int, list[Attempt]] = field(default_factory=dict)
     circuits: dict[str, tuple[str, float | None]] = field(default_factory=dict)
     pace_rows: dict[tuple[str, str], Pace] = field(default_factory=dict)  # (region, model)
+    seats: dict[str, Seat] = field(default_factory=dict)  # hedge_seats, by token
     closed: bool = False
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _next_id: int = 1
@@ -198,7 +210,9 @@ class MemoryStore(WorkbenchOps, MemoryPacing, Store):
         return counts
 
     def _execution(self, r: ExecutionRow, with_attempts: bool) -> Execution:
-        attempts = list(self.attempts.get(r.id, [])) if with_attempts else []
+        attempts = (
+            sorted(self.attempts.get(r.id, []), key=lambda a: a.number) if with_attempts else []
+        )
         return records.execution_from_row(vars(r), _json, attempts)
 
     def cancel_job(self, tenant: str, job_id: str, now: float) -> int:
@@ -228,6 +242,7 @@ class MemoryStore(WorkbenchOps, MemoryPacing, Store):
         with self._lock:
             self._check_open()
             leased = sum(1 for _ in self._where(lambda r: self._leased_in(r, region)))
+            leased += self._seats_in(region)
             free = min(request.limit, request.region.concurrency - leased)
             if free <= 0:
                 return Claims()
@@ -288,7 +303,7 @@ class MemoryStore(WorkbenchOps, MemoryPacing, Store):
         assert r.executed_region is not None and started_at is not None
         self.attempts.setdefault(r.id, []).append(
             Attempt(
-                r.attempts + r.deferrals,
+                r.call_number,
                 r.executed_region,
                 started_at,
                 now,
@@ -373,6 +388,7 @@ class MemoryStore(WorkbenchOps, MemoryPacing, Store):
                 )
                 self._apply(r, to, rules.LEASE_EXPIRED_ERROR, now)
                 self._record_attempt(r, r.leased_at, now, rules.LEASE_EXPIRED_ERROR)
+            self._seats_expired(now)
             return len(expired)
 
     def divert_queued(self, region: str, now: float, model: str | None = None) -> int:

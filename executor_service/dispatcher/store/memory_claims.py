@@ -18,6 +18,7 @@ from executor_service.dispatcher.store.models import Failover, State
 
 if TYPE_CHECKING:
     from executor_service.dispatcher.store.memory import ExecutionRow, JobRow
+    from executor_service.dispatcher.store.memory_hedges import Seat
 
 
 class MemoryPacing:
@@ -26,6 +27,7 @@ class MemoryPacing:
     rows: dict[int, ExecutionRow]
     jobs: dict[str, JobRow]
     pace_rows: dict[tuple[str, str], Pace]
+    seats: dict[str, Seat]
     _lock: threading.RLock
 
     if TYPE_CHECKING:  # MemoryStore's
@@ -65,6 +67,7 @@ class MemoryPacing:
         in_flight: Counter[str] = Counter()
         if rules.counts_in_flight(request, paces):
             in_flight.update(r.model for r in self._where(lambda r: self._leased_in(r, region)))
+            in_flight.update(s.model for s in self.seats.values() if s.region == region)
         groups, held = rules.plan_claim(request, paces, in_flight, free)
         picked: list[tuple[int, rules.Source, int]] = []
         for group in groups:
@@ -227,4 +230,20 @@ class _Queues:
             if self._queued_here(r) and r.tenant == tenant and r.model in self.models
         ]
         found.sort(key=lambda r: (-r.priority, r.job_created_at, r.job_id, r.question_index, r.id))
+        return [r.id for r in found[:n]]
+
+    def stale_queued(self, n: int) -> list[int]:
+        stale_before = self.request.stale_before
+        if stale_before is None:
+            return []
+        found = [
+            r
+            for r in self.rows
+            if r.state == State.QUEUED.value
+            and r.failover == Failover.ANY.value
+            and r.created_at < stale_before
+            and r.requested_region != self.region
+            and r.model in self.models
+        ]
+        found.sort(key=lambda r: (r.created_at, r.id))
         return [r.id for r in found[:n]]

@@ -118,6 +118,7 @@ class Execution:
     # attempts made before the current round (a retry of the job starts a new round):
     # attempts - attempt_base is this round's count, attempt_log keeps them all
     attempt_base: int = 0
+    hedges: int = 0  # second copies sent for stragglers (hedging.py; not attempts)
 
 
 @dataclass(frozen=True)
@@ -144,12 +145,15 @@ class Claim:
     deadline_at: float | None = None  # the job's deadline
     sample: int = 0
     messages: list[dict[str, str]] | None = None  # the call's chat messages; None: prompt
+    hedges: int = 0  # hedges sent before this call (counted in its number)
+    # A hedge (hedging.py): the lease token of the call it races; its own token is a seat's
+    hedge_of: str | None = None
 
     @property
     def call(self) -> int:
-        """This call's number among every call sent for the execution (attempts and
-        deferrals): its attempt-log number and its request id's last part."""
-        return self.attempt + self.deferrals
+        """This call's number among every call sent for the execution (attempts,
+        deferrals, hedges): its attempt-log number and its request id's last part."""
+        return self.attempt + self.deferrals + self.hedges
 
 
 class Claims(list[Claim]):

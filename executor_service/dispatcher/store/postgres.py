@@ -310,6 +310,10 @@ class PostgresStore(SQLStore[Cursor]):
             dict(reads["leased_by_tenant"]),
         )
 
+    def _lock_region(self, cur: Cursor, region: str) -> None:
+        """A hedge takes its seat under the region's claim lock (sql_hedges.py)."""
+        cur.execute(Q["lock_region"], {"namespace": _LOCK_NAMESPACE, "region": region})
+
     def _own_retries(
         self, cur: Cursor, args: dict[str, Any], taken: list[int], n: int
     ) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from executor_service.dispatcher.pacing import Pace
@@ -167,6 +168,7 @@ def execution_from_row(row: Row, loads: Loads, attempt_log: list[Attempt]) -> Ex
         sample=row["sample"],
         messages=loads(row["messages"]),
         attempt_base=row["attempt_base"],
+        hedges=row.get("hedges", 0),
     )
 
 
@@ -204,7 +206,13 @@ def claim_from_row(
         deadline_at=deadline_at,
         sample=row["sample"],
         messages=loads(row["messages"]),
+        hedges=row.get("hedges", 0),
     )
+
+
+def as_hedge(claim: Claim, hedge_of: str) -> Claim:
+    """A hedge's Claim: its token is its seat's, ``hedge_of`` the lease it races."""
+    return replace(claim, hedge_of=hedge_of)
 
 
 def output_of(result: Mapping[str, Any]) -> str | None:

@@ -18,6 +18,7 @@ transaction is opened, the operation lives here, on top of these hooks:
 
 The result writes (complete, fail, defer) live in ``sql_results.py`` (``ResultWrites``,
 which this class inherits): group-committed, and announcing work due to other processes.
+Hedged calls (hedge, complete_hedge, end_seat) live in ``sql_hedges.py``.
 
 Every decision is ``rules.py``'s: the claim order (``rules.pick`` over this store's
 ``ClaimQueues``), what a failed, released or reaped lease becomes. fail, release and
@@ -52,6 +53,7 @@ from executor_service.dispatcher.store.base import (
     Store,
 )
 from executor_service.dispatcher.store.models import Claims
+from executor_service.dispatcher.store.sql_hedges import SQLHedges
 from executor_service.dispatcher.store.sql_results import ResultWrites
 from executor_service.dispatcher.store.sql_workbench import SQLWorkbenchOps
 
@@ -78,7 +80,7 @@ class SQLHandle(Protocol):
 DB = TypeVar("DB", bound=SQLHandle)
 
 
-class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
+class SQLStore(ResultWrites[DB], SQLHedges[DB], SQLWorkbenchOps, Store, Generic[DB]):
     """The Store operations common to the SQL stores; ``DB`` is the handle type
     their transactions yield, so each store's hooks get its own handle."""
 
@@ -203,6 +205,7 @@ class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
             "expires": request.expires,
             "worker": request.worker,
             "handoff_due": request.handoff_due,
+            "stale_before": request.stale_before,
         }
 
     def release(self, execution_id: int, token: str, now: float) -> bool:
@@ -236,7 +239,7 @@ class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
                 db.execute(self.queries["reap_one"], args)
                 attempt = {
                     "id": row["id"],
-                    "number": row["attempts"] + row["deferrals"],
+                    "number": row["attempts"] + row["deferrals"] + row["hedges"],
                     "region": row["executed_region"],
                     "started_at": row["leased_at"],
                     "now": now,
@@ -246,6 +249,7 @@ class SQLStore(ResultWrites[DB], SQLWorkbenchOps, Store, Generic[DB]):
                 db.execute(self.queries["insert_attempt"], attempt)
             if expired:
                 self._announce(db, now)
+            db.execute(self.queries["seats_expired"], {"now": now})  # calls surely ended
         if expired:
             self._logger.warning("reaped %d expired leases", len(expired))
         return len(expired)
@@ -483,3 +487,8 @@ class _SQLQueues(Generic[DB]):
 
     def tenant_new_work(self, tenant: str, n: int) -> list[int]:
         return self._ids("tenant_new_work", tenant=tenant, n=n)
+
+    def stale_queued(self, n: int) -> list[int]:
+        if self.args.get("stale_before") is None:  # schedule-to-start is off
+            return []
+        return self._ids("stale_queued", n=n)

@@ -111,8 +111,10 @@ DECLARE
 BEGIN
     PERFORM pg_advisory_xact_lock(p_namespace, hashtext(p_region));
     SELECT coalesce(jsonb_object_agg(l.model, l.n), '{}'::jsonb) INTO leased
-    FROM (SELECT model, count(*) AS n FROM executions
-          WHERE state = 'leased' AND executed_region = p_region GROUP BY model) AS l;
+    FROM (SELECT model, count(*) AS n FROM (  -- leases and hedge seats (hedging.py)
+              SELECT model FROM executions WHERE state = 'leased' AND executed_region = p_region
+              UNION ALL SELECT model FROM hedge_seats WHERE region = p_region) AS calls
+          GROUP BY model) AS l;
     SELECT coalesce(jsonb_agg(to_jsonb(p) ORDER BY p.model), '[]'::jsonb) INTO paces
     FROM (SELECT * FROM paces WHERE region = p_region AND model = ANY(p_models)
           ORDER BY model FOR UPDATE) AS p;
@@ -143,6 +145,11 @@ $fn$;
 -- name: claim_reads
 SELECT pg_temp.es_claim_reads(%(namespace)s::integer, %(region)s, %(models)s::text[],
                               %(now)s::double precision) AS reads;
+
+-- name: count_leased
+-- The region's seats taken: its leases, and its hedge seats (hedges, race losers running).
+SELECT (SELECT count(*) FROM executions WHERE state = 'leased' AND executed_region = %(region)s)
+     + (SELECT count(*) FROM hedge_seats WHERE region = %(region)s) AS n;
 
 -- name: global_retries
 -- Another region's failures this region may take over, oldest failure first.
@@ -204,7 +211,7 @@ FROM unnest(%(ids)s::bigint[], %(tokens)s::text[], %(sources)s::text[]) AS v(id,
 WHERE e.id = v.id AND j.id = e.job_id
 RETURNING e.id, e.job_id, e.tenant, e.question_index, e.question, e.model,
           e.requested_region, e.attempts, e.max_attempts, e.failover, e.deferrals, e.sample,
-          e.messages, j.params AS job_params, j.deadline_at AS job_deadline_at;
+          e.messages, e.hedges, j.params AS job_params, j.deadline_at AS job_deadline_at;
 
 -- name: divert_queued
 -- A region whose circuit is open hands its queued failover-any work to the global
@@ -231,7 +238,8 @@ UPDATE executions
 SET state = 'succeeded', output = %(output)s, result = %(result)s, finished_at = %(now)s,
     lease_expires_at = NULL
 WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased'
-RETURNING attempts + deferrals AS call_number, executed_region;
+RETURNING attempts + deferrals + hedges - (hedged_lease IS NOT DISTINCT FROM lease_token)::int AS call_number,
+          executed_region;
 
 -- name: insert_attempt
 INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
@@ -251,7 +259,8 @@ UPDATE executions
 SET state = %(state)s, due_at = %(due_at)s, failed_at = %(now)s, last_region = executed_region,
     last_error = %(error)s, lease_expires_at = NULL, finished_at = %(finished_at)s
 WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased'
-RETURNING attempts + deferrals AS call_number, executed_region;
+RETURNING attempts + deferrals + hedges - (hedged_lease IS NOT DISTINCT FROM lease_token)::int AS call_number,
+          executed_region;
 
 -- name: defer
 -- A deferral (backpressure): logged, but the attempt is given back (pacing.py).
@@ -260,7 +269,8 @@ SET state = %(state)s, due_at = %(due_at)s, failed_at = %(now)s, last_region = e
     attempts = attempts - 1, deferrals = deferrals + 1,
     last_error = %(error)s, lease_expires_at = NULL, finished_at = %(finished_at)s
 WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased'
-RETURNING attempts + deferrals AS call_number, executed_region;
+RETURNING attempts + deferrals + hedges - (hedged_lease IS NOT DISTINCT FROM lease_token)::int AS call_number,
+          executed_region;
 
 -- name: release
 -- Back to the queue it was claimed from (rules.after_release): the attempt is given back.
@@ -280,7 +290,10 @@ SELECT id, cancelled FROM jobs WHERE id = ANY(%(job_ids)s::text[]) ORDER BY id F
 
 -- name: expired_leases
 -- After lock_jobs. SKIP LOCKED: a lease its worker is finishing right now is left to it.
-SELECT id, job_id, attempts, deferrals, max_attempts, executed_region, leased_at FROM executions
+SELECT id, job_id, attempts, deferrals,
+       hedges - (hedged_lease IS NOT DISTINCT FROM lease_token)::int AS hedges, max_attempts,
+       executed_region, leased_at
+FROM executions
 WHERE state = 'leased' AND lease_expires_at < %(now)s AND job_id = ANY(%(job_ids)s::text[])
 ORDER BY id
 FOR UPDATE SKIP LOCKED;
@@ -313,6 +326,13 @@ SELECT r.name,
         WHERE state = 'leased' AND executed_region = r.name) AS in_flight,
        coalesce(c.circuit, 'closed') AS circuit, c.open_until
 FROM unnest(%(regions)s::text[]) AS r(name) LEFT JOIN regions c ON c.name = r.name;
+
+-- name: leased_by_model
+-- A model's calls in flight here: its leases and its hedge seats.
+SELECT model, count(*) AS n FROM (
+    SELECT model FROM executions WHERE state = 'leased' AND executed_region = %(region)s
+    UNION ALL SELECT model FROM hedge_seats WHERE region = %(region)s) AS calls
+GROUP BY model;
 
 -- name: pace_insert
 -- A (region, model)'s pacing row, created at its first claim (pacing.Pace.initial).
@@ -361,3 +381,58 @@ SET state = 'dead', finished_at = %(now)s, due_at = NULL,
     last_error = jsonb_build_object('code', 'deadline_exceeded', 'message', %(message)s::text,
                                     'last', last_error)
 WHERE job_id = ANY(%(job_ids)s::text[]) AND state IN ('queued', 'retry_wait');
+
+
+-- Schedule-to-start (rules.pick step 4) and hedged calls (hedging.py, sql_hedges.py).
+
+-- name: stale_queued
+-- Other regions' failover-any work queued since before :stale_before, oldest first.
+SELECT id FROM executions
+WHERE state = 'queued' AND failover = 'any' AND created_at < %(stale_before)s
+  AND requested_region <> %(region)s AND model = ANY(%(models)s::text[])
+ORDER BY created_at, id LIMIT %(n)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: hedge_target
+-- The lease a hedge races: still current, with what the hedge's claim needs.
+SELECT e.id, e.job_id, e.tenant, e.question_index, e.question, e.model, e.requested_region,
+       e.attempts, e.max_attempts, e.failover, e.deferrals, e.sample, e.messages, e.hedges,
+       e.executed_region, e.lease_expires_at, e.leased_at, j.params, j.deadline_at, j.total
+FROM executions e JOIN jobs j ON j.id = e.job_id
+WHERE e.id = %(id)s AND e.lease_token = %(token)s AND e.state = 'leased'
+FOR UPDATE OF e;
+
+-- name: job_hedges
+SELECT coalesce(sum(hedges), 0) AS n FROM executions WHERE job_id = %(job_id)s;
+
+-- name: hedge_count
+-- One hedge per lease: a lease already hedged is not hedged again.
+UPDATE executions SET hedges = hedges + 1, hedged_lease = lease_token
+WHERE id = %(id)s AND lease_token = %(token)s AND state = 'leased'
+  AND (hedged_lease IS NULL OR hedged_lease <> lease_token)
+RETURNING attempts + deferrals + hedges AS call_number, hedges;
+
+-- name: seat_insert
+INSERT INTO hedge_seats (token, execution_id, region, model, number, hedge_of, started_at,
+                         lease_expires_at)
+VALUES (%(token)s, %(id)s, %(region)s, %(model)s, %(number)s, %(hedge_of)s,
+        %(started_at)s, %(expires)s);
+
+-- name: seat_get
+SELECT * FROM hedge_seats WHERE token = %(token)s AND execution_id = %(id)s
+FOR UPDATE;
+
+-- name: seat_delete
+DELETE FROM hedge_seats WHERE token = %(token)s AND execution_id = %(id)s
+RETURNING number, region;
+
+-- name: complete_hedge
+-- The hedge answered first: the execution succeeds with its answer, where it ran.
+UPDATE executions
+SET state = 'succeeded', output = %(output)s, result = %(result)s, finished_at = %(now)s,
+    executed_region = %(region)s, lease_expires_at = NULL
+WHERE id = %(id)s AND lease_token = %(hedge_of)s AND state = 'leased';
+
+-- name: seats_expired
+-- A seat whose call has surely ended (its deadline passed): the seat is free again.
+DELETE FROM hedge_seats WHERE lease_expires_at < %(now)s;

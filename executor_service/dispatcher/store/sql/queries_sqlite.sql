@@ -94,6 +94,11 @@ SELECT EXISTS (SELECT 1 FROM executions
                WHERE state = 'retry_wait' AND requested_region = :region
                  AND due_at <= :now) AS due;
 
+-- name: count_leased
+-- The region's seats taken: its leases, and its hedge seats (hedges, race losers running).
+SELECT (SELECT count(*) FROM executions WHERE state = 'leased' AND executed_region = :region)
+     + (SELECT count(*) FROM hedge_seats WHERE region = :region) AS n;
+
 -- name: global_retries
 -- Another region's failures this region may take over, oldest failure first.
 SELECT id FROM executions
@@ -158,7 +163,7 @@ FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS t
       FROM json_each(:leases)) AS v
 WHERE executions.id = v.id
 RETURNING id, job_id, tenant, question_index, question, model, requested_region, attempts,
-          max_attempts, failover, deferrals, sample, messages,
+          max_attempts, failover, deferrals, sample, messages, hedges,
           (SELECT params FROM jobs WHERE jobs.id = executions.job_id) AS job_params,
           (SELECT deadline_at FROM jobs WHERE jobs.id = executions.job_id) AS job_deadline_at;
 
@@ -180,7 +185,8 @@ UPDATE executions
 SET state = 'succeeded', output = :output, result = :result, finished_at = :now,
     lease_expires_at = NULL
 WHERE id = :id AND lease_token = :token AND state = 'leased'
-RETURNING attempts + deferrals AS call_number, executed_region;
+RETURNING attempts + deferrals + hedges - (hedged_lease IS lease_token) AS call_number,
+          executed_region;
 
 -- name: insert_attempt
 INSERT INTO attempts (execution_id, number, region, started_at, finished_at, ok, error)
@@ -197,7 +203,8 @@ UPDATE executions
 SET state = :state, due_at = :due_at, failed_at = :now, last_region = executed_region,
     last_error = :error, lease_expires_at = NULL, finished_at = :finished_at
 WHERE id = :id AND lease_token = :token AND state = 'leased'
-RETURNING attempts + deferrals AS call_number, executed_region;
+RETURNING attempts + deferrals + hedges - (hedged_lease IS lease_token) AS call_number,
+          executed_region;
 
 -- name: defer
 -- A deferral (backpressure): logged, but the attempt is given back (pacing.py).
@@ -206,7 +213,8 @@ SET state = :state, due_at = :due_at, failed_at = :now, last_region = executed_r
     attempts = attempts - 1, deferrals = deferrals + 1,
     last_error = :error, lease_expires_at = NULL, finished_at = :finished_at
 WHERE id = :id AND lease_token = :token AND state = 'leased'
-RETURNING attempts + deferrals AS call_number, executed_region;
+RETURNING attempts + deferrals + hedges - (hedged_lease IS lease_token) AS call_number,
+          executed_region;
 
 -- name: release
 -- Back to the queue it was claimed from (rules.after_release): the attempt is given back.
@@ -218,7 +226,9 @@ SET state = :state, finished_at = :finished_at, due_at = :due_at,
 WHERE id = :id AND lease_token = :token AND state = 'leased';
 
 -- name: expired_leases
-SELECT e.id, e.job_id, e.attempts, e.deferrals, e.max_attempts, e.executed_region, e.leased_at,
+SELECT e.id, e.job_id, e.attempts, e.deferrals,
+       e.hedges - (e.hedged_lease IS e.lease_token) AS hedges, e.max_attempts, e.executed_region,
+       e.leased_at,
        j.cancelled
 FROM executions e JOIN jobs j ON j.id = e.job_id
 WHERE e.state = 'leased' AND e.lease_expires_at < :now
@@ -255,8 +265,11 @@ SELECT (SELECT count(*) FROM executions
        (SELECT open_until FROM regions WHERE name = :region) AS open_until;
 
 -- name: leased_by_model
-SELECT model, count(*) AS n FROM executions
-WHERE state = 'leased' AND executed_region = :region GROUP BY model;
+-- A model's calls in flight here: its leases and its hedge seats.
+SELECT model, count(*) AS n FROM (
+    SELECT model FROM executions WHERE state = 'leased' AND executed_region = :region
+    UNION ALL SELECT model FROM hedge_seats WHERE region = :region) AS calls
+GROUP BY model;
 
 -- name: pace_insert
 -- A (region, model)'s pacing row, created at its first claim (pacing.Pace.initial).
@@ -305,3 +318,55 @@ SET state = 'dead', finished_at = :now, due_at = NULL,
     last_error = json_object('code', 'deadline_exceeded', 'message', :message,
                              'last', json(last_error))
 WHERE job_id IN (SELECT value FROM json_each(:job_ids)) AND state IN ('queued', 'retry_wait');
+
+
+-- Schedule-to-start (rules.pick step 4) and hedged calls (hedging.py, sql_hedges.py).
+
+-- name: stale_queued
+-- Other regions' failover-any work queued since before :stale_before, oldest first.
+SELECT id FROM executions
+WHERE state = 'queued' AND failover = 'any' AND created_at < :stale_before
+  AND requested_region <> :region AND model IN (SELECT value FROM json_each(:models))
+ORDER BY created_at, id LIMIT :n;
+
+-- name: hedge_target
+-- The lease a hedge races: still current, with what the hedge's claim needs.
+SELECT e.id, e.job_id, e.tenant, e.question_index, e.question, e.model, e.requested_region,
+       e.attempts, e.max_attempts, e.failover, e.deferrals, e.sample, e.messages, e.hedges,
+       e.executed_region, e.lease_expires_at, e.leased_at, j.params, j.deadline_at, j.total
+FROM executions e JOIN jobs j ON j.id = e.job_id
+WHERE e.id = :id AND e.lease_token = :token AND e.state = 'leased';
+
+-- name: job_hedges
+SELECT coalesce(sum(hedges), 0) AS n FROM executions WHERE job_id = :job_id;
+
+-- name: hedge_count
+-- One hedge per lease: a lease already hedged is not hedged again.
+UPDATE executions SET hedges = hedges + 1, hedged_lease = lease_token
+WHERE id = :id AND lease_token = :token AND state = 'leased'
+  AND (hedged_lease IS NULL OR hedged_lease <> lease_token)
+RETURNING attempts + deferrals + hedges AS call_number, hedges;
+
+-- name: seat_insert
+INSERT INTO hedge_seats (token, execution_id, region, model, number, hedge_of, started_at,
+                         lease_expires_at)
+VALUES (:token, :id, :region, :model, :number, :hedge_of,
+        :started_at, :expires);
+
+-- name: seat_get
+SELECT * FROM hedge_seats WHERE token = :token AND execution_id = :id;
+
+-- name: seat_delete
+DELETE FROM hedge_seats WHERE token = :token AND execution_id = :id
+RETURNING number, region;
+
+-- name: complete_hedge
+-- The hedge answered first: the execution succeeds with its answer, where it ran.
+UPDATE executions
+SET state = 'succeeded', output = :output, result = :result, finished_at = :now,
+    executed_region = :region, lease_expires_at = NULL
+WHERE id = :id AND lease_token = :hedge_of AND state = 'leased';
+
+-- name: seats_expired
+-- A seat whose call has surely ended (its deadline passed): the seat is free again.
+DELETE FROM hedge_seats WHERE lease_expires_at < :now;
