@@ -94,6 +94,7 @@ _parse_bool: Callable[..., fields.Field] = _Flag
 _positive_float = _number(fields.Float, "expected a number > 0", min=0, min_inclusive=False)
 _non_negative_float = _number(fields.Float, "expected a finite number >= 0", min=0)
 _positive_int = _number(fields.Integer, "expected an integer > 0", min=1)
+_fraction = _number(fields.Float, "expected a number within 0..1", min=0, max=1)
 _non_negative_int = _number(fields.Integer, "expected an integer >= 0", min=0)
 _optional_path: Callable[..., fields.Field] = _OptionalPath
 

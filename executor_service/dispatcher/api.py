@@ -149,6 +149,7 @@ def execution_view(e: Execution) -> dict[str, Any]:
         "attempts": e.attempts - e.attempt_base,
         "attempts_total": e.attempts,
         "deferrals": e.deferrals,
+        "hedges": e.hedges,
         "attempt_log": [
             {
                 "number": a.number,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -144,6 +144,16 @@ def classify_response(
     else:
         outcome = Outcome.FATAL
     return CallResult(outcome, error=error, retry_after_s=retry_after, elapsed_s=elapsed_s)
+
+
+class Caller(Protocol):
+    """What a region worker needs of its executor client (tests pass fakes)."""
+
+    def execute(
+        self, model: str, prompt: str, request_id: str, params: dict[str, Any]
+    ) -> CallResult: ...
+
+    def close(self) -> None: ...
 
 
 class ExecutorClient:

@@ -13,8 +13,10 @@ from ..config import (
     ConfigError,
     EnvSettings,
     _choice,
+    _fraction,
     _non_negative_float,
     _optional_path,
+    _parse_bool,
     _positive_float,
     _positive_int,
 )
@@ -82,6 +84,25 @@ class DispatcherSettings(CommonSettings):
     # slow claim; an idle claim is one indexed query, so 20/s per region is cheap.
     claim_poll_s: float = field(
         default=0.05, metadata={"env": "ES_CLAIM_POLL_S", "parse": _positive_float}
+    )
+    # Schedule-to-start (DESIGN.md, Timeouts): failover-any work queued this long in its
+    # region may be taken by an idle region serving the model; 0: never. 30 s: a region
+    # that has not started a call in that long is backed up or stuck, and moving work is
+    # cheap (it has not run); short enough to matter within a batch of minutes.
+    schedule_to_start_s: float = field(
+        default=30.0, metadata={"env": "ES_SCHEDULE_TO_START_S", "parse": _non_negative_float}
+    )
+    # Hedged calls (hedging.py): off by default, because a hedge is a second billed call
+    # and a user counting calls against a quota must ask for it; the rules below keep it
+    # cheap once on. A straggler (running longer than its (region, model)'s observed p95)
+    # of a job in its tail (at most ES_HEDGE_TAIL_FRACTION of its executions left) gets a
+    # second copy, within ES_HEDGE_MAX_FRACTION of the job's executions in extra calls.
+    hedge: bool = field(default=False, metadata={"env": "ES_HEDGE", "parse": _parse_bool})
+    hedge_max_fraction: float = field(
+        default=0.05, metadata={"env": "ES_HEDGE_MAX_FRACTION", "parse": _fraction}
+    )
+    hedge_tail_fraction: float = field(
+        default=0.1, metadata={"env": "ES_HEDGE_TAIL_FRACTION", "parse": _fraction}
     )
     # A job's deadline (schedule-to-close) when it gives no deadline_s: what is left of
     # it then ends dead with deadline_exceeded. Deferrals (rate limits) are bounded by

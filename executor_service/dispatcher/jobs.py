@@ -229,6 +229,13 @@ def build_job(
     )
 
 
+def request_id_for(claim: Claim) -> str:
+    """The executor request id of one call: job, execution and call number (attempts,
+    deferrals and hedges), so the executor's logs show every call of every execution
+    exactly once."""
+    return f"{claim.job_id}.{claim.execution_id}.{claim.call}"
+
+
 def call_params(claim: Claim) -> dict[str, Any]:
     """The job's call parameters for this execution: its chat messages, when it has
     them (the client sends them instead of the prompt), and for sample N of a seeded

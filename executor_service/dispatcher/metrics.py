@@ -147,3 +147,10 @@ REUSED = Counter(
     " not in dispatcher_calls_total.",
     ["region"],
 )
+
+# -- tail latency (issue 13): hedged calls (hedging.py) --------------------------------
+HEDGES = Counter(
+    "dispatcher_hedges_total",
+    "Hedged calls by the region they ran in: sent, and won (answered first).",
+    ["region", "outcome"],
+)

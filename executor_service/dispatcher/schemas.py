@@ -265,6 +265,9 @@ class ExecutionSchema(Schema):
     deferrals = fields.Integer(
         metadata={"description": "calls refused for rate or capacity (not attempts)"}
     )
+    hedges = fields.Integer(
+        metadata={"description": "second copies sent for a straggler (not attempts)"}
+    )
     attempt_log = fields.List(fields.Nested(AttemptSchema))
     last_error = fields.Dict(allow_none=True)
     output = fields.String(allow_none=True)

@@ -32,13 +32,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from . import metrics, pacing, rules
 from .circuit import ModelCircuits
-from .client import CallResult, ExecutorClient, Outcome
+from .client import Caller, CallResult, ExecutorClient, Outcome
 from .config import DispatcherSettings
-from .jobs import call_params
+from .hedging import HedgeConfig, Hedger
+from .jobs import call_params, request_id_for
 from .recording import Recorder
 from .regions import Region, Regions
 from .rules import ClaimRequest
@@ -53,16 +53,6 @@ logger = logging.getLogger(__name__)
 STORE_ERROR_PAUSE_S = 0.25
 # Deadline sweeps: a job's leftovers end within a second, for one indexed query a second.
 DEADLINE_SWEEP_S = 1.0
-
-
-class Caller(Protocol):
-    """What a region worker needs of its executor client (tests pass fakes)."""
-
-    def execute(
-        self, model: str, prompt: str, request_id: str, params: dict[str, Any]
-    ) -> CallResult: ...
-
-    def close(self) -> None: ...
 
 
 ClientFactory = Callable[[Region], Caller]
@@ -82,7 +72,9 @@ class WorkerConfig:
     circuit_threshold: int = _D("circuit_threshold")
     circuit_cooldown_s: float = _D("circuit_cooldown_s")
     retry_handoff_s: float = _D("retry_handoff_s")
+    schedule_to_start_s: float = _D("schedule_to_start_s")
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    hedging: HedgeConfig = field(default_factory=HedgeConfig)
 
     @classmethod
     def from_settings(cls, settings: DispatcherSettings) -> WorkerConfig:
@@ -94,7 +86,9 @@ class WorkerConfig:
             circuit_threshold=settings.circuit_threshold,
             circuit_cooldown_s=settings.circuit_cooldown_s,
             retry_handoff_s=settings.retry_handoff_s,
+            schedule_to_start_s=settings.schedule_to_start_s,
             backoff=BackoffPolicy.from_settings(settings),
+            hedging=HedgeConfig.from_settings(settings),
         )
 
     @property
@@ -106,12 +100,6 @@ class WorkerConfig:
     def reap_s(self) -> float:
         # A crashed process's work is back in the queue within 1.5 leases.
         return self.lease_s / 2
-
-
-def request_id_for(claim: Claim) -> str:
-    """The executor request id of one call: job, execution and call number (attempts and
-    deferrals), so the executor's logs show every call of every execution exactly once."""
-    return f"{claim.job_id}.{claim.execution_id}.{claim.call}"
 
 
 class RegionWorker:
@@ -153,6 +141,7 @@ class RegionWorker:
         self._pool = pool
         self._opened = False
         self._thread: threading.Thread | None = None
+        self.hedger: Hedger | None = None  # told when calls start and end (hedging.py)
 
     # -- lifecycle ----------------------------------------------------------
     def open(self) -> None:
@@ -253,6 +242,7 @@ class RegionWorker:
             worker=self.worker_id,
             tenant_batch=self.config.tenant_batch,
             retry_handoff_s=self.config.retry_handoff_s,
+            schedule_to_start_s=self.config.schedule_to_start_s,
             circuit_caps=caps,
             budgets=self.region.limits,
         )
@@ -284,8 +274,12 @@ class RegionWorker:
         with self._cond:
             self._inflight[claim.execution_id] = claim
         metrics.IN_FLIGHT.labels(self.region.name).inc()
+        self.submit(lambda: self._run(claim))
+
+    def submit(self, task: Callable[[], None]) -> None:
+        """Run a call on this region's pool (a claim's, or a hedge's: hedging.py)."""
         assert self._pool is not None
-        self._pool.submit(lambda: self._run(claim))
+        self._pool.submit(task)
 
     # -- running one call ----------------------------------------------------
     def _run(self, claim: Claim) -> None:
@@ -294,6 +288,8 @@ class RegionWorker:
         log.update(attempt=claim.attempt, region=name, model=claim.model)
         started = self.clock()
         result: CallResult | None = None
+        if self.hedger is not None:
+            self.hedger.started(claim, started)
         try:
             if rules.past_deadline(claim.deadline_at, started):
                 # Claimed as its job's deadline passed: no call. Given back (no attempt,
@@ -321,6 +317,8 @@ class RegionWorker:
         finally:
             if result is not None and not result.reused:  # a reused answer tells no health
                 self.circuits[claim.model].record(result.verdict)
+            if self.hedger is not None:
+                self.hedger.finished(claim, result, started)
             with self._cond:
                 self._inflight.pop(claim.execution_id, None)
                 self._cond.notify_all()
@@ -372,6 +370,9 @@ class Dispatcher:
             )
             for region in regions
         }
+        self.hedger = Hedger(store, self.workers, self.config.hedging, clock, self.config.lease_s)
+        for worker in self.workers.values():
+            worker.hedger = self.hedger
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
@@ -395,6 +396,7 @@ class Dispatcher:
             (self._heartbeat, "heartbeat"),
             (self._reaper, "reaper"),
             (self._deadlines, "deadlines"),
+            (lambda: self.hedger.run(self._stop), "hedger"),  # returns at once when off
         )
         for target, name in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
