@@ -1,9 +1,16 @@
-"""A model that only waits and fails on purpose: for tests, load tests and benchmarks.
+r"""A model that only waits and fails on purpose: for tests, load tests and benchmarks.
 
 Options (catalog keys):
     latency_s        fixed latency (default 0)
     latency_min_s,
     latency_max_s    uniform random latency instead of a fixed one
+    tail_rate        heavy tail: this share of calls (0..1, drawn per call) takes
+                     ``tail_latency_s`` instead (a straggler; default 0)
+    tail_latency_s   a straggler's latency (default 10)
+    tail_request_id  a regular expression: calls whose request id matches it take
+                     ``tail_latency_s`` too (a straggler on purpose, for tests: the
+                     dispatcher's request id is job.execution.call, so "[.]7[.]1$" is
+                     execution 7's first call, and its hedge, call 2, is not slow)
     error_rate       share of calls that fail, 0..1 (default 0)
     error_kind       timeout | 5xx | 429 | exception (default 5xx)
     status           the HTTP status a 5xx failure reports (default 503)
@@ -31,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +80,14 @@ class SimulatedProvider(Provider):
         if self.latency_min_s < 0 or self.latency_max_s < self.latency_min_s:
             raise ValueError(f"simulated model {model!r}: bad latency range")
         self._random = random.Random(options.get("random_seed"))
+        self.tail_rate = float(options.get("tail_rate", 0.0))
+        self.tail_latency_s = float(options.get("tail_latency_s", 10.0))
+        tail_id = options.get("tail_request_id")
+        self.tail_request_id = re.compile(str(tail_id)) if tail_id else None
+        if not 0.0 <= self.tail_rate <= 1.0 or self.tail_latency_s < 0:
+            raise ValueError(
+                f"simulated model {model!r}: tail_rate within 0..1, tail_latency_s >= 0"
+            )
         rpm, tpm = options.get("rpm"), options.get("tpm")
         self.bucket: TokenBucket | None = None
         if rpm is not None or tpm is not None:
@@ -90,7 +106,11 @@ class SimulatedProvider(Provider):
         log = options.get("rate_log")
         self.rate_log = Path(log) if log else None
 
-    def _latency(self) -> float:
+    def _latency(self, request_id: str = "") -> float:
+        if self.tail_request_id is not None and self.tail_request_id.search(request_id):
+            return self.tail_latency_s
+        if self.tail_rate > 0 and self._random.random() < self.tail_rate:
+            return self.tail_latency_s
         if self.latency_max_s == self.latency_min_s:
             return self.latency_min_s
         return self._random.uniform(self.latency_min_s, self.latency_max_s)
@@ -142,7 +162,7 @@ class SimulatedProvider(Provider):
         if fail and self.error_kind == "timeout":
             time.sleep(max(0.0, call.remaining()))
             raise ProviderTimeout("simulated timeout")
-        latency = self._latency()
+        latency = self._latency(call.request_id)
         if latency > call.remaining():
             time.sleep(max(0.0, call.remaining()))
             raise ProviderTimeout(f"simulated latency {latency:g} s exceeds the deadline")
@@ -160,7 +180,7 @@ class SimulatedProvider(Provider):
             raise ProviderTimeout("simulated timeout")
         completion = self._answer(call, fail)
         words = completion.output.split(" ")
-        pause = self._latency() / len(words)
+        pause = self._latency(call.request_id) / len(words)
         for i, word in enumerate(words):
             if pause > call.remaining():
                 time.sleep(max(0.0, call.remaining()))
