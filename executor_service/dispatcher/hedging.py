@@ -53,6 +53,9 @@ MIN_SAMPLES = 20
 # of passing its p95; a look is a scan of this process's calls, no store query unless
 # one is straggling.
 CHECK_S = 0.05
+# A job found outside its tail (or out of hedges) is looked at again after this long: its
+# counts are one query per look, a GROUP BY over a big job's executions.
+JOB_LOOK_S = 1.0
 _D = DispatcherSettings.default
 
 
@@ -110,6 +113,7 @@ class Hedger:
     sent: int = 0  # hedges sent by this process
     won: int = 0  # of which answered first
     _running: dict[tuple[int, str], _Running] = field(default_factory=dict)
+    _quiet_until: dict[str, float] = field(default_factory=dict)  # job -> next look
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- hooks of the region workers -----------------------------------------------
@@ -150,6 +154,7 @@ class Hedger:
         if not self.config.enabled:
             return 0
         now = self.clock()
+        self._quiet_until = {j: t for j, t in self._quiet_until.items() if t > now}
         with self._lock:
             candidates = [
                 r
@@ -162,6 +167,8 @@ class Hedger:
         sent = 0
         for running in candidates:
             claim = running.claim
+            if self._quiet_until.get(claim.job_id, 0.0) > now:
+                continue
             if claim.job_id not in jobs:
                 counts = self.store.job_counts(claim.job_id)
                 states = [(s, n) for by_state in counts.values() for s, n in by_state.items()]
@@ -170,6 +177,7 @@ class Hedger:
             unfinished, total = jobs[claim.job_id]
             budget = rules.hedge_budget(total, self.config.max_fraction)
             if budget <= 0 or not rules.in_tail(unfinished, total, self.config.tail_fraction):
+                self._quiet_until[claim.job_id] = now + JOB_LOOK_S
                 continue
             hedge = self._take_seat(claim, budget, now)
             if hedge is None:

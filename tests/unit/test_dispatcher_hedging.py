@@ -210,6 +210,7 @@ def test_an_idle_region_takes_failover_any_work_queued_too_long_elsewhere() -> N
     config = WorkerConfig(lease_s=30.0, schedule_to_start_s=30.0)
     s = Stepper(config, regions(a=1, b=2), deferred=True)
     j_any = job(s, 3, ["a"], Failover.ANY)
+    s.clock.now = T0 + 0.01  # the younger job: a takes j_any's first execution
     j_none = job(s, 3, ["a"], Failover.NONE)
 
     s.dispatcher.step()  # a takes one; b serves the model but nothing is requested there
