@@ -11,6 +11,9 @@ Options (catalog keys):
                      ``tail_latency_s`` too (a straggler on purpose, for tests: the
                      dispatcher's request id is job.execution.call, so "[.]7[.]1$" is
                      execution 7's first call, and its hedge, call 2, is not slow)
+    tail_prompt      with tail_request_id: only calls whose prompt (last message)
+                     contains this text are stragglers ("[.]1$" and "q7:": the first
+                     call of every question q7, whatever its execution id)
     error_rate       share of calls that fail, 0..1 (default 0)
     error_kind       timeout | 5xx | 429 | exception (default 5xx)
     status           the HTTP status a 5xx failure reports (default 503)
@@ -84,6 +87,7 @@ class SimulatedProvider(Provider):
         self.tail_latency_s = float(options.get("tail_latency_s", 10.0))
         tail_id = options.get("tail_request_id")
         self.tail_request_id = re.compile(str(tail_id)) if tail_id else None
+        self.tail_prompt = str(options.get("tail_prompt", ""))
         if not 0.0 <= self.tail_rate <= 1.0 or self.tail_latency_s < 0:
             raise ValueError(
                 f"simulated model {model!r}: tail_rate within 0..1, tail_latency_s >= 0"
@@ -106,8 +110,12 @@ class SimulatedProvider(Provider):
         log = options.get("rate_log")
         self.rate_log = Path(log) if log else None
 
-    def _latency(self, request_id: str = "") -> float:
-        if self.tail_request_id is not None and self.tail_request_id.search(request_id):
+    def _latency(self, request_id: str = "", prompt: str = "") -> float:
+        if (
+            self.tail_request_id is not None
+            and self.tail_request_id.search(request_id)
+            and self.tail_prompt in prompt
+        ):
             return self.tail_latency_s
         if self.tail_rate > 0 and self._random.random() < self.tail_rate:
             return self.tail_latency_s
@@ -162,7 +170,7 @@ class SimulatedProvider(Provider):
         if fail and self.error_kind == "timeout":
             time.sleep(max(0.0, call.remaining()))
             raise ProviderTimeout("simulated timeout")
-        latency = self._latency(call.request_id)
+        latency = self._latency(call.request_id, call.messages[-1]["content"])
         if latency > call.remaining():
             time.sleep(max(0.0, call.remaining()))
             raise ProviderTimeout(f"simulated latency {latency:g} s exceeds the deadline")
@@ -180,7 +188,7 @@ class SimulatedProvider(Provider):
             raise ProviderTimeout("simulated timeout")
         completion = self._answer(call, fail)
         words = completion.output.split(" ")
-        pause = self._latency(call.request_id) / len(words)
+        pause = self._latency(call.request_id, call.messages[-1]["content"]) / len(words)
         for i, word in enumerate(words):
             if pause > call.remaining():
                 time.sleep(max(0.0, call.remaining()))
