@@ -3,10 +3,11 @@ of a job gets a second copy, and the first answer wins.
 
 When (the rules are ``rules.py``'s): a call has run longer than the p95 of the calls of
 its (region, model) observed by this process (``LatencyStats``: in-process, the last
-``P95_WINDOW`` answers, none before ``MIN_SAMPLES``), its job is in its tail (at most
-``ES_HEDGE_TAIL_FRACTION`` of its executions unfinished), the job has hedges left
-(``ES_HEDGE_MAX_FRACTION`` of its executions, counted in the store across processes),
-and the call may be repeated (never temperature > 0 without a seed). Where: its own
+``P95_WINDOW`` answers, none before ``MIN_SAMPLES``, capped at ``MEDIANS`` medians), its
+job is in its tail (at most ``ES_HEDGE_TAIL_FRACTION`` of its executions unfinished),
+the job has hedges left (``ES_HEDGE_MAX_FRACTION`` of its executions, counted in the
+store across processes), and the call may be repeated (never temperature > 0 without a
+seed). Where: its own
 region for failover "none", any region serving the model for "any" (others first).
 
 How (durably, ``Store.hedge``): the hedge is a second call of the same execution with
@@ -49,6 +50,10 @@ logger = logging.getLogger(__name__)
 # that is the maximum of a handful).
 P95_WINDOW = 200
 MIN_SAMPLES = 20
+# The p95 is capped at this many medians: with a tail heavier than 5% of the calls, or
+# a few stragglers among a (region, model)'s first answers, the p95 is a straggler's own
+# latency and would never call anything a straggler (measured: docs/benchmarks-dispatcher.md).
+MEDIANS = 3.0
 # How often the hedger looks at the calls in flight: a straggler is hedged within 50 ms
 # of passing its p95; a look is a scan of this process's calls, no store query unless
 # one is straggling.
@@ -85,12 +90,14 @@ class LatencyStats:
             self._seen[(region, model)].append(seconds)
 
     def p95(self, region: str, model: str) -> float | None:
-        """The 95th percentile (nearest rank), or None below ``min_samples``."""
+        """The 95th percentile (nearest rank), capped at MEDIANS x the median; None below
+        ``min_samples``."""
         with self._lock:
             seen = sorted(self._seen.get((region, model), ()))
         if len(seen) < self.min_samples:
             return None
-        return seen[min(len(seen) - 1, int(0.95 * len(seen)))]
+        p95 = seen[min(len(seen) - 1, int(0.95 * len(seen)))]
+        return min(p95, MEDIANS * seen[len(seen) // 2])
 
 
 @dataclass

@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from test_dispatcher_steps import T0, Stepper, ok, regions
 
 from executor_service.dispatcher import rules
 from executor_service.dispatcher.client import CallResult
-from executor_service.dispatcher.hedging import MIN_SAMPLES, HedgeConfig
+from executor_service.dispatcher.hedging import MIN_SAMPLES, HedgeConfig, LatencyStats
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store.base import Failover, NewJob, State
 from executor_service.dispatcher.worker import WorkerConfig
@@ -249,3 +250,15 @@ def test_work_taken_by_schedule_to_start_is_released_to_its_own_queue() -> None:
     assert (e.state, e.requested_region, e.attempts) == (State.QUEUED, "a", 0)
     off = ClaimRequest(spec, 1, T0 + 99, 30.0, "w", 20, schedule_to_start_s=0)
     assert s.store.claim(off) == []
+
+
+def test_the_p95_is_capped_at_three_medians_so_a_heavy_tail_still_has_stragglers() -> None:
+    stats = LatencyStats()
+    for _ in range(19):
+        stats.observe("a", "m", 0.4)
+    assert stats.p95("a", "m") is None  # too few to tell
+    stats.observe("a", "m", 0.5)
+    assert stats.p95("a", "m") == 0.5
+    for _ in range(5):  # 5 of 25 answers are 6 s stragglers: the p95 is one of them
+        stats.observe("a", "m", 6.0)
+    assert stats.p95("a", "m") == pytest.approx(1.2)  # 3 x the median 0.4
