@@ -9,11 +9,13 @@ app is built); the figure is the best of ``--rounds`` x ``--calls`` calls of CPU
 
     .venv/bin/python bench/executor_inprocess.py
     .venv/bin/python bench/executor_inprocess.py --variants full,no-metrics --rounds 8
+    .venv/bin/python bench/executor_inprocess.py --before /tmp/before   # + "full" of that tree
 
-Variants: full (as deployed: API key, schema, admission, multiprocess metrics),
-no-metrics, no-admission, no-auth, no-sentry-tag, no-webargs (the same schema
-instance's ``load`` called in the view instead of flask-smorest ``arguments``), bare.
-These are measurements, not product code: the no-* variants lose what they remove.
+Variants: full (as deployed: API key, strict JSON and the schema, admission,
+multiprocess metrics), no-metrics, no-admission, no-auth, no-validation (the body
+parsed by ``json.loads`` and not checked: strict parsing and the schema's ``load``
+both out), bare. These are measurements, not product code: the no-* variants lose
+what they remove.
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ VARIANTS = (
     "no-metrics",
     "no-admission",
     "no-auth",
-    "no-sentry-tag",
-    "no-webargs",
+    "no-validation",
 )
 
 
@@ -86,43 +87,25 @@ def _build(variant: str) -> tuple[Any, bool]:
         os.environ["ES_API_KEYS"] = ""
     import executor_service.executor.admission as admission
     import executor_service.executor.api as api
+    import executor_service.executor.calls as calls
 
     if variant == "no-metrics":
-        for module in (api, admission):
-            for name in ("REQUESTS", "REQUEST_SECONDS", "MODEL_SECONDS", "IN_FLIGHT",
-                         "ADMISSION_REJECTIONS"):  # fmt: skip
-                if hasattr(module, name):
-                    setattr(module, name, _NoMetric())
+        for name in ("requests_of", "request_seconds_of", "model_seconds_of"):
+            setattr(calls, name, lambda *_: _NoMetric())
+        for name in ("IN_FLIGHT", "ADMISSION_REJECTIONS"):
+            setattr(admission, name, _NoMetric())
     if variant == "no-admission":
         admission.Admission.slot = lambda self: contextlib.nullcontext()  # type: ignore[method-assign,assignment,return-value]
-    if variant == "no-sentry-tag":
-        import sentry_sdk
+    if variant == "no-validation":
+        from flask import request
 
-        sentry_sdk.set_tag = lambda *_a, **_k: None
+        api.load_body = lambda _load: {  # type: ignore[assignment]
+            **{"max_tokens": 256, "temperature": 0.0, "seed": None, "timeout_s": None},
+            **json.loads(request.get_data(cache=True)),
+        }
     from executor_service import create_app
 
     app = create_app()
-    if variant == "no-webargs":
-        from flask import request
-        from marshmallow import ValidationError
-
-        from executor_service.errors import ValidationFailed
-        from executor_service.executor.schemas import ExecuteRequestSchema
-
-        schema = ExecuteRequestSchema()
-        parsed_view = app.view_functions["executor.execute"]
-        inner = parsed_view.__wrapped__  # below flask-smorest's response wrapper
-        while hasattr(inner, "__wrapped__"):
-            inner = inner.__wrapped__
-
-        def view() -> Any:
-            try:
-                body = schema.load(json.loads(request.get_data(cache=True)))
-            except ValidationError as exc:
-                raise ValidationFailed(details=exc.messages) from None
-            return inner(body)
-
-        app.view_functions["executor.execute"] = view
     return app, os.environ.get("ES_API_KEYS", "") != ""
 
 
@@ -152,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--before", type=Path, help="a checkout of an earlier commit: its 'full' runs too"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -170,11 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         "PROMETHEUS_MULTIPROC_DIR": str(tmp),
     }
     results: dict[str, float] = {}
-    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    runs = [(v.strip(), REPO) for v in args.variants.split(",") if v.strip()]
+    if args.before is not None:
+        runs.append(("before", args.before.resolve()))
+    for variant, tree in runs:
+        child = "full" if variant == "before" else variant
         out = subprocess.run(
-            [sys.executable, __file__, "--child", variant, "--calls", str(args.calls),
-             "--rounds", str(args.rounds)],
-            env=env, cwd=REPO, capture_output=True, text=True, check=True,
+            [sys.executable, str(tree / "bench" / Path(__file__).name), "--child", child,
+             "--calls", str(args.calls), "--rounds", str(args.rounds)],
+            env={**env, "PYTHONPATH": str(tree)}, cwd=tree, capture_output=True, text=True,
+            check=True,
         )  # fmt: skip
         results[variant] = float(out.stdout.strip().splitlines()[-1])
         extra = ""
@@ -183,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{variant:14s} {results[variant]:7.1f} us CPU per call{extra}", flush=True)
     if "bare" in results and "full" in results:
         print(f"bare / full = {results['bare'] / results['full']:.2f} (in process, no HTTP)")
+    if "bare" in results and "before" in results:
+        print(f"bare / before = {results['bare'] / results['before']:.2f}")
     return 0
 
 

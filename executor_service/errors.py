@@ -160,6 +160,16 @@ def error_response(err: APIError) -> Response:
     return response
 
 
+def not_json() -> UnsupportedMediaType:
+    """The 415 for a request whose body is not sent as JSON (curl -d sends form encoding)."""
+    sent = f"Content-Type: {request.mimetype}" if request.mimetype else "no Content-Type"
+    return UnsupportedMediaType(
+        "the request body must be JSON: send it with the header "
+        f"'Content-Type: application/json' (this request had {sent})",
+        details={"content_type": request.mimetype or None, "expected": "application/json"},
+    )
+
+
 _HTTP_TO_API: dict[int, type[APIError]] = {
     400: InvalidJSON,
     401: Unauthorized,
@@ -196,12 +206,7 @@ def _from_http_exception(exc: HTTPException) -> APIError:
         ):
             # webargs reads a body sent without a JSON Content-Type (curl -d sends form
             # encoding) as no body: say what to send, not which fields are missing.
-            sent = f"Content-Type: {request.mimetype}" if request.mimetype else "no Content-Type"
-            return UnsupportedMediaType(
-                "the request body must be JSON: send it with the header "
-                f"'Content-Type: application/json' (this request had {sent})",
-                details={"content_type": request.mimetype or None, "expected": "application/json"},
-            )
+            return not_json()
         return ValidationFailed(details=messages or {})
     if status == 405:
         return MethodNotAllowed(details={"allowed": sorted(exc.valid_methods or [])})  # type: ignore[attr-defined]

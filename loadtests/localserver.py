@@ -86,8 +86,10 @@ class LocalExecutor:
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 60.0,
         ready_path: str = "/ready",
+        tree: Path = REPO,
     ) -> None:
         self.port = free_port()
+        self.tree = tree  # the checkout whose code runs (another commit's, to compare)
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key if api_key is not None else "lt-" + secrets.token_hex(12)
         self.app = app
@@ -152,7 +154,7 @@ class LocalExecutor:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, self.app],
-                cwd=REPO,
+                cwd=self.tree,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -19,10 +19,9 @@ from __future__ import annotations
 import fcntl
 import os
 import random
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import deque
 from pathlib import Path
+from types import TracebackType
 
 from ..errors import Overloaded
 from .metrics import ADMISSION_LIMIT, ADMISSION_REJECTIONS, IN_FLIGHT
@@ -32,43 +31,86 @@ from .metrics import ADMISSION_LIMIT, ADMISSION_REJECTIONS, IN_FLIGHT
 SLOT_PREFIX = "slot-"
 
 
-class _ReplicaSlots:
-    """Slots shared by the processes of one replica: one ``flock``-ed file each.
+class _Slots:
+    """The slots this process may take, without a lock: ``deque.popleft`` and ``append``
+    are atomic (under gevent too), so no two threads ever hold the same index. A slot
+    found busy in another process goes to the back, a slot given back to the front (the
+    next call reuses it: on a quiet replica each worker keeps to its own few slots, and
+    the other workers, which start from other slots, seldom try them).
 
-    Opened in the worker (after the fork): a lock belongs to the open file, so
-    descriptors inherited from the master would be shared by every worker. Within a
-    process a second LOCK_EX on a file it already holds succeeds, hence ``_held``.
+    Shared by the processes of one replica (``directory``): one ``flock``-ed file per
+    slot, opened in the worker (after the fork: a lock belongs to the open file, so
+    descriptors inherited from the master would be shared by every worker). Without it
+    the slots are this process's alone and taking one is popping its index.
     """
 
-    def __init__(self, directory: Path) -> None:
-        paths = sorted(directory.glob(SLOT_PREFIX + "*"))
-        if not paths:
-            raise ValueError(f"no admission slot files in {directory}")
-        self.fds = [os.open(p, os.O_RDWR) for p in paths]
-        self._held: set[int] = set()
-        self._lock = threading.Lock()
-        self._random = random.Random()
+    def __init__(self, limit: int, directory: Path | None) -> None:
+        self.fds: list[int] = []
+        if directory is not None:
+            paths = sorted(directory.glob(SLOT_PREFIX + "*"))
+            if not paths:
+                raise ValueError(f"no admission slot files in {directory}")
+            self.fds = [os.open(p, os.O_RDWR) for p in paths]
+            limit = len(paths)
+        self.limit = limit
+        order = list(range(limit))
+        random.shuffle(order)  # workers start apart: fewer slots tried that another holds
+        self._free: deque[int] = deque(order)
 
     def try_acquire(self) -> int | None:
-        n = len(self.fds)
-        start = self._random.randrange(n)  # workers start apart: fewer busy slots tried
-        with self._lock:
-            for k in range(n):
-                i = (start + k) % n
-                if i in self._held:
-                    continue
-                try:
-                    fcntl.flock(self.fds[i], fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                self._held.add(i)
+        free = self._free
+        for _ in range(self.limit):
+            try:
+                i = free.popleft()
+            except IndexError:  # every slot is held in this process
+                return None
+            if not self.fds:
                 return i
+            try:
+                fcntl.flock(self.fds[i], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held by another worker
+                free.append(i)
+                continue
+            return i
         return None
 
     def release(self, i: int) -> None:
-        with self._lock:
+        if self.fds:
             fcntl.flock(self.fds[i], fcntl.LOCK_UN)
-            self._held.discard(i)
+        self._free.appendleft(i)
+
+    @property
+    def held(self) -> int:
+        """Slots held in this process (those being tried count too, for an instant)."""
+        return self.limit - len(self._free)
+
+
+class _Slot:
+    """``with admission.slot():`` - a class, not a generator: it is on every call's path."""
+
+    __slots__ = ("_admission", "_index")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._index: int | None = None
+
+    def __enter__(self) -> None:
+        admission = self._admission
+        self._index = admission._slots.try_acquire()
+        if self._index is None:
+            raise admission._refuse()
+        IN_FLIGHT.inc()
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        if self._index is not None:
+            IN_FLIGHT.dec()
+            index, self._index = self._index, None
+            self._admission._slots.release(index)
 
 
 class Admission:
@@ -76,13 +118,14 @@ class Admission:
         if limit <= 0:
             raise ValueError("admission limit must be > 0")
         self.retry_after_s = retry_after_s
-        self._shared = _ReplicaSlots(shared_dir) if shared_dir is not None else None
-        self.limit = len(self._shared.fds) if self._shared is not None else limit
-        # threading primitives become gevent ones when gunicorn's gevent worker patches them.
-        self._slots = threading.BoundedSemaphore(limit)
-        self._lock = threading.Lock()
-        self.in_flight = 0
+        self._slots = _Slots(limit, shared_dir)
+        self.limit = self._slots.limit
         ADMISSION_LIMIT.set(limit)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a slot in this process."""
+        return self._slots.held
 
     def _refuse(self) -> Overloaded:
         ADMISSION_REJECTIONS.inc()
@@ -91,26 +134,6 @@ class Admission:
             headers={"Retry-After": str(self.retry_after_s)},
         )
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
+    def slot(self) -> _Slot:
         """Hold one slot for the duration of a model call, or raise Overloaded now."""
-        shared: int | None = None
-        if self._shared is not None:
-            shared = self._shared.try_acquire()
-            if shared is None:
-                raise self._refuse()
-        elif not self._slots.acquire(blocking=False):
-            raise self._refuse()
-        with self._lock:
-            self.in_flight += 1
-        IN_FLIGHT.inc()
-        try:
-            yield
-        finally:
-            IN_FLIGHT.dec()
-            with self._lock:
-                self.in_flight -= 1
-            if self._shared is not None and shared is not None:
-                self._shared.release(shared)
-            else:
-                self._slots.release()
+        return _Slot(self)

@@ -25,7 +25,7 @@ import sentry_sdk
 from flask import current_app, g, request
 
 from ..errors import APIError, ClientGone, UnknownModel
-from .metrics import MODEL_SECONDS, REQUEST_SECONDS, REQUESTS
+from .metrics import model_seconds_of, request_seconds_of, requests_of
 from .provider_errors import api_error
 from .providers import (
     Call,
@@ -90,7 +90,8 @@ def _prepare(mc: ModelCall) -> tuple[Any, Call, float]:
             details={"model": mc.model, "available": st.catalog.names()},
         )
     g.model = mc.model
-    sentry_sdk.set_tag("model", mc.model)
+    if sentry_sdk.is_initialized():  # without a DSN the tag would go nowhere, at a cost (E1)
+        sentry_sdk.set_tag("model", mc.model)
     cap = st.settings.timeout_cap_s
     budget = min(mc.timeout_s or cap, cap)
     call = Call(
@@ -162,7 +163,7 @@ def run_call(mc: ModelCall) -> Outcome:
             raise _api_error(exc, mc, provider.kind, budget) from None
         finally:
             stop_watching()
-            MODEL_SECONDS.labels(mc.model).observe(time.monotonic() - model_started)
+            model_seconds_of(mc.model).observe(time.monotonic() - model_started)
     finished = time.monotonic()
     g.model_ms = (finished - model_started) * 1000
     return Outcome(provider.kind, completion, started, model_started, finished)
@@ -233,7 +234,7 @@ class Stream:
         finally:
             self._stack.close()  # the admission slot
             ended = time.monotonic()
-            MODEL_SECONDS.labels(self.mc.model).observe(ended - self.model_started)
+            model_seconds_of(self.mc.model).observe(ended - self.model_started)
             record(
                 self.mc.model,
                 self.status,
@@ -258,7 +259,7 @@ def open_stream(mc: ModelCall) -> Stream:
         first = next(chunks, None)
     except (ProviderTimeout, ProviderFailure) as exc:
         stack.close()
-        MODEL_SECONDS.labels(mc.model).observe(time.monotonic() - model_started)
+        model_seconds_of(mc.model).observe(time.monotonic() - model_started)
         raise _api_error(exc, mc, provider.kind, budget) from None
     except BaseException:
         stack.close()
@@ -289,8 +290,10 @@ def record(
     stream: bool = False,
 ) -> None:
     """The metrics and the log line of one call, whichever surface answered it."""
-    REQUESTS.labels(model, str(status)).inc()
-    REQUEST_SECONDS.labels(model).observe(total_s)
+    requests_of(model, status).inc()
+    request_seconds_of(model).observe(total_s)
+    if not logger.isEnabledFor(logging.INFO):
+        return
     logger.info(
         "execute",
         extra={

@@ -4,6 +4,8 @@ imports this) and ``/metrics`` adds them up (``observability.metrics_response``)
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # Model calls take from milliseconds (simulated) to a minute (large remote models).
@@ -33,3 +35,21 @@ ADMISSION_LIMIT = Gauge(
 ADMISSION_REJECTIONS = Counter(
     "executor_admission_rejections_total", "Requests answered 503 because the process was full."
 )
+
+
+# The labelled series of each call, looked up once per (model, status): ``labels()`` takes a
+# lock and builds a key on every call (E1). Both sets are bounded: catalog models and
+# ``unknown``, the contract's status codes.
+@functools.cache
+def requests_of(model: str, status: int) -> Counter:
+    return REQUESTS.labels(model, str(status))
+
+
+@functools.cache
+def request_seconds_of(model: str) -> Histogram:
+    return REQUEST_SECONDS.labels(model)
+
+
+@functools.cache
+def model_seconds_of(model: str) -> Histogram:
+    return MODEL_SECONDS.labels(model)
