@@ -9,8 +9,7 @@ Two roles in one package, each with its own app, settings, metrics and commands:
                    HTTP API (api.py)
 
 Shared by both: app.py (base Flask app), config.py (settings reader), errors.py (JSON
-errors), exceptions.py (the one exception base), jsonbody.py (strict JSON bodies),
-schemaload.py (a schema's load, compiled for the bodies that pass), auth.py,
+errors), exceptions.py (the one exception base), jsonbody.py (strict JSON bodies), auth.py,
 observability.py, cli.py.
 
 This module stays light (nothing imported at import time), so a gunicorn config can

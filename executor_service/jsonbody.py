@@ -141,7 +141,7 @@ class StrictParser(FlaskParser):
 
 def load_body(load: Callable[[Any], Any]) -> Any:
     """The request's JSON body parsed by :func:`loads` and loaded by ``load`` (a schema's
-    ``load``, or ``schemaload.compile_load(schema)``), answered as ``@blp.arguments(schema)``
+    ``load``), answered as ``@blp.arguments(schema)``
     answers (415 not sent as JSON, 400 invalid_json, 422
     naming the fields) without webargs' and flask-smorest's per-request machinery, which
     cost /execute a tenth of its CPU per call (E1). An empty body is ``{}``, as in webargs."""
