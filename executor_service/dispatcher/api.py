@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +28,10 @@ from flask import Flask, Response, current_app, g, request, stream_with_context
 
 from ..errors import APIError, Conflict, NotFound, error_response
 from ..jsonbody import Blueprint
-from . import exports, metrics, progress
+from . import cursors, exports, metrics, progress
 from .config import DispatcherSettings
 from .jobs import JobLimits, build_job
-from .pacing_view import pace_view, waiting_view
+from .pacing_view import blocked, pace_view, waiting_reason, waiting_view
 from .regions import Regions
 from .scheduler import Clock
 from .schemas import (
@@ -42,7 +42,14 @@ from .schemas import (
     ResultsQuerySchema,
     ResultsSchema,
 )
-from .store.base import Execution, IdempotencyConflict, Job, Store, StoreError
+from .store.base import (
+    Execution,
+    ExecutionKey,
+    IdempotencyConflict,
+    Job,
+    Store,
+    StoreError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +89,16 @@ def _owned_job(job_id: str) -> Job:
 
 
 # -- views --------------------------------------------------------------------
-def job_view(job: Job, counts: Mapping[str, Mapping[str, int]], now: float) -> dict[str, Any]:
+def job_view(
+    job: Job,
+    counts: Mapping[str, Mapping[str, int]],
+    now: float,
+    waiting: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The job with its counts, progress (succeeded, dead, cancelled and in progress
-    apart; see progress.py) per region and in all, and ETAs from the rate so far."""
+    apart; see progress.py) per region and in all, and ETAs from the rate so far. With
+    ``waiting`` (``job_waiting``): why its work waits, and no ETA (``eta_s`` null,
+    ``eta_unknown`` why) for a region it cannot finish without, nor for the job."""
     states: dict[str, int] = {}
     for per_state in counts.values():
         for name, n in per_state.items():
@@ -102,10 +116,21 @@ def job_view(job: Job, counts: Mapping[str, Mapping[str, int]], now: float) -> d
     else:
         phase = "running"
     region_order: list[str] = []
-    for regions in job.regions_by_model.values():
-        region_order += [r for r in regions if r not in region_order]
+    for names in job.regions_by_model.values():
+        region_order += [r for r in names if r not in region_order]
     eta = progress.eta_s(done, total, elapsed)
-    return {
+    regions = progress.region_progress(counts, elapsed, region_order)
+    stuck = blocked(waiting or {}, job.failover.value)
+    for r in regions:
+        why = stuck.get(r["region"]) if r["in_progress"] else None
+        if why:
+            r["eta_s"] = None  # a number "as if healthy" would be a lie
+        r["eta_unknown"] = why or (progress.NO_RATE_YET if r["eta_s"] is None else None)
+    waits = [r["eta_unknown"] for r in regions if r["region"] in stuck and r["in_progress"]]
+    if waits:
+        eta = None
+    eta_unknown = "; ".join(waits) or (progress.NO_RATE_YET if eta is None else None)
+    view: dict[str, Any] = {
         "id": job.id,
         "tenant": job.tenant,
         "name": job.name,
@@ -126,14 +151,26 @@ def job_view(job: Job, counts: Mapping[str, Mapping[str, int]], now: float) -> d
         "counts": {region: dict(per_state) for region, per_state in counts.items()},
         "states": states,
         "progress": tallied,
-        "regions": progress.region_progress(counts, elapsed, region_order),
+        "regions": regions,
         "eta_s": eta,
+        "eta_unknown": eta_unknown,
         "view_url": f"/jobs/{job.id}/view",
         "deadline_at": job.deadline_at,
     }
+    if waiting is not None:
+        view["waiting"] = waiting
+    return view
 
 
-def execution_view(e: Execution) -> dict[str, Any]:
+def job_waiting(st: DispatcherState, job: Job, counts: Mapping[str, Mapping[str, int]]) -> Any:
+    """The job's ``waiting`` (pacing_view.waiting_view) from the store's paces, now."""
+    paces = st.store.paces(list(counts))
+    return waiting_view(counts, job.models, paces, st.regions.by_name, st.clock())
+
+
+def execution_view(e: Execution, waiting_reason: str | None = None) -> dict[str, Any]:
+    """One execution as the API shows it; ``waiting_reason``: why it has not run yet
+    (``pacing_view.waiting_reason``), when the caller knows."""
     result = e.result or {}
     return {
         "id": e.id,
@@ -173,7 +210,18 @@ def execution_view(e: Execution) -> dict[str, Any]:
         "reused_from": result.get("reused_from"),
         "created_at": e.created_at,
         "finished_at": e.finished_at,
+        "waiting_reason": waiting_reason,
     }
+
+
+def result_views(
+    executions: Iterable[Execution], job: Job, waiting: Mapping[str, Mapping[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """The views of a job's executions, each still waiting with its reason."""
+    failover = job.failover.value
+    for e in executions:
+        why = waiting_reason(waiting, failover, e.state.value, e.requested_region, e.model)
+        yield execution_view(e, why)
 
 
 def _export_format(fmt: str | None) -> str:
@@ -185,15 +233,30 @@ def _export_format(fmt: str | None) -> str:
     return types.get(best or "application/json", "json")
 
 
-def _all_views(store: Store, job_id: str) -> Iterator[dict[str, Any]]:
-    """Every execution view of the job, read one page at a time."""
-    offset = 0
+def _all_views(
+    store: Store, job: Job, waiting: Mapping[str, Mapping[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """Every execution view of the job, read one keyset page at a time (memory stays
+    one page, whatever the job's size)."""
+    after: ExecutionKey | None = None
     while True:
-        page = store.executions(job_id, with_attempts=True, offset=offset, limit=RESULTS_PAGE)
-        yield from (execution_view(e) for e in page)
+        page = store.executions(job.id, with_attempts=True, after=after, limit=RESULTS_PAGE)
+        yield from result_views(page, job, waiting)
         if len(page) < RESULTS_PAGE:
             return
-        offset += len(page)
+        after = page[-1].key
+
+
+def _results_after(cursor: str) -> ExecutionKey:
+    """A results cursor back to the key of the last execution of the previous page."""
+
+    def parse(values: list[Any]) -> ExecutionKey:
+        question, model, region, execution = values
+        if not isinstance(model, str) or not isinstance(region, str):
+            raise TypeError("model and region are strings")
+        return int(question), model, region, int(execution)
+
+    return cursors.decode(cursor, parse)
 
 
 # -- routes -------------------------------------------------------------------
@@ -232,11 +295,7 @@ def get_job(job_id: str) -> dict[str, Any]:
     job = _owned_job(job_id)
     counts = st.store.job_counts(job.id)
     now = st.clock()
-    view = job_view(job, counts, now)
-    view["waiting"] = waiting_view(
-        counts, job.models, st.store.paces(list(counts)), st.regions.by_name, now
-    )
-    return view
+    return job_view(job, counts, now, job_waiting(st, job, counts))
 
 
 @blp.route("/jobs/<job_id>/results", methods=["GET"])
@@ -254,25 +313,27 @@ def get_results(query: dict[str, Any], job_id: str) -> Any:
     st = state()
     job = _owned_job(job_id)
     fmt = _export_format(query.get("format"))
+    counts = st.store.job_counts(job.id)
+    waiting = job_waiting(st, job, counts)
     if fmt in ("csv", "jsonl"):
-        views = _all_views(st.store, job.id)
+        views = _all_views(st.store, job, waiting)
         write = exports.csv_chunks if fmt == "csv" else exports.jsonl_lines
         chunks = write(views, job.id)
         mimetype = "text/csv" if fmt == "csv" else "application/x-ndjson"
         response = Response(stream_with_context(chunks), mimetype=f"{mimetype}; charset=utf-8")
         response.headers["Content-Disposition"] = f'attachment; filename="job-{job.id}.{fmt}"'
         return response
-    offset = query.get("cursor") or 0
+    after = _results_after(query["cursor"]) if query.get("cursor") else None
     limit = query.get("limit") or RESULTS_PAGE
-    page = st.store.executions(job.id, with_attempts=True, offset=offset, limit=limit)
-    phase = job_view(job, st.store.job_counts(job.id), st.clock())["state"]
-    more = offset + len(page) < job.total
+    # One more than the page: whether there is a next page, without a count.
+    page = st.store.executions(job.id, with_attempts=True, after=after, limit=limit + 1)
+    more, page = len(page) > limit, page[:limit]
     return {
         "job_id": job.id,
-        "state": phase,
+        "state": job_view(job, counts, st.clock())["state"],
         "total": job.total,
-        "executions": [execution_view(e) for e in page],
-        "next_cursor": str(offset + len(page)) if more else None,
+        "executions": list(result_views(page, job, waiting)),
+        "next_cursor": cursors.encode(page[-1].key) if more else None,
     }
 
 

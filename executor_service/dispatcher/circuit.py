@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .scheduler import CallVerdict, CircuitBreaker, CircuitChange, CircuitState, Clock
 from .store.base import Store, StoreError
@@ -90,9 +90,10 @@ class RegionCircuit:
         if count and self.breaker.state is CircuitState.HALF_OPEN:
             self.breaker.probe_started()
 
-    def record(self, verdict: CallVerdict) -> None:
-        """A call of the region finished with this verdict."""
-        self.breaker.record(verdict)
+    def record(self, verdict: CallVerdict, error: Mapping[str, Any] | None = None) -> None:
+        """A call of the region finished with this verdict (and this error: what the job
+        view shows as the failure that opened the circuit)."""
+        self.breaker.record(verdict, error)
 
     def _changed(self, change: CircuitChange) -> None:
         self._publish(change)
@@ -213,7 +214,11 @@ class ModelCircuits:
                 model,
                 self.region.model_concurrency(model),
                 lambda p: replace(
-                    p, circuit=change.state.value, circuit_open_until=change.open_until
+                    p,
+                    circuit=change.state.value,
+                    circuit_open_until=change.open_until,
+                    circuit_since=change.since,
+                    circuit_error=change.error,
                 ),
             )
             self.on_pace(model, pace)

@@ -39,7 +39,8 @@ def region_progress(job: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
 
 def waiting_detail(models: Mapping[str, Any]) -> str:
     """Why a region's work waits, per model (the job's ``waiting``): rate limited for how
-    long, circuit open, adaptive concurrency k of n, an empty budget."""
+    long, circuit open since when after which failure, adaptive concurrency k of n, an
+    empty budget (the reason is the API's, ``pacing_view.reason``)."""
     parts = []
     for model, view in sorted(models.items()):
         reason = view.get("reason") or ""
@@ -107,10 +108,15 @@ def print_status(job: Mapping[str, Any], console: Any) -> None:
     console.print(table)
     p = job["progress"]
     eta = job.get("eta_s")
+    if not p["in_progress"]:
+        eta_text = ""
+    elif eta is not None:
+        eta_text = f", ETA {eta:.1f} s"
+    else:
+        eta_text = f", ETA unknown ({job.get('eta_unknown') or 'no rate yet'})"
     console.print(
         f"{p['succeeded']}/{p['total']} succeeded ({p['fraction']:.0%}), {p['dead']} dead, "
-        f"{p['cancelled']} cancelled, {p['in_progress']} in progress"
-        + ("" if eta is None or not p["in_progress"] else f", ETA {eta:.1f} s")
+        f"{p['cancelled']} cancelled, {p['in_progress']} in progress{eta_text}"
     )
 
 

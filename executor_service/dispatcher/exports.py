@@ -44,6 +44,7 @@ COLUMNS = (
     "total_ms",
     "replica",
     "attempt_log",
+    "waiting_reason",
 )
 
 
@@ -97,6 +98,7 @@ def record(view: View, job_id: str) -> dict[str, Any]:
             {**a, "started_at": iso(a["started_at"]), "finished_at": iso(a["finished_at"])}
             for a in view["attempt_log"]
         ],
+        "waiting_reason": view.get("waiting_reason"),
     }
 
 

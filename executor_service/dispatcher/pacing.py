@@ -101,6 +101,8 @@ class Pace:
     deferrals: int = 0  # deferrals seen, for visibility
     circuit: str = "closed"
     circuit_open_until: float | None = None
+    circuit_since: float | None = None  # while not closed: when it opened in this outage
+    circuit_error: dict[str, Any] | None = None  # ... and the failure that opened it last
 
     @classmethod
     def initial(cls, region: str, model: str, max_limit: int) -> Pace:

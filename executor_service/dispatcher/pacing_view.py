@@ -1,16 +1,25 @@
 """What the API shows of pacing: each (region, model)'s shared state (``GET /queue``)
 and, for a job, why the work it has left waits (``GET /jobs/<id>`` ``waiting``, the
-``--follow`` bars)."""
+``--follow`` bars, the job page): which region and model, since when, why (the failure
+that opened the circuit); which regions' ETAs are unknown because of it; and the
+reason each execution still waiting there carries (``waiting_reason``).
+
+The rules live here once: the job view, the results and the exports ask these
+functions, the CLI and the page only show what they answered."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .exports import iso
 from .pacing import Pace, refill
 from .regions import Region
 
 FINAL_STATES = ("succeeded", "dead", "cancelled")
+CLOSED = "closed"
+# The states of an execution that waits for its region to claim it.
+WAITING_STATES = ("queued", "retry_wait")
 
 
 def pace_view(pace: Pace, region: Region | None, now: float) -> dict[str, Any]:
@@ -25,7 +34,19 @@ def pace_view(pace: Pace, region: Region | None, now: float) -> dict[str, Any]:
         "max_concurrency": pace.max_limit,
         "deferrals": pace.deferrals,
         "budget": None,
+        # While the circuit is not closed: since when (ISO and epoch seconds, and how
+        # long), and the failure that opened it ({code, message}).
+        "since": None,
+        "since_at": None,
+        "waited_s": None,
+        "last_error": None,
     }
+    if pace.circuit != "closed":
+        view["last_error"] = pace.circuit_error
+        if pace.circuit_since is not None:
+            view["since"] = iso(pace.circuit_since)
+            view["since_at"] = pace.circuit_since
+            view["waited_s"] = round(max(0.0, now - pace.circuit_since), 3)
     if budget is not None and budget.limited:
         level = refill(pace, budget, now)
         view["budget"] = {
@@ -43,7 +64,13 @@ def reason(view: Mapping[str, Any]) -> str | None:
     """A short human reason, most binding first (None: nothing holds it back)."""
     parts = []
     if view["circuit"] != "closed":
-        parts.append(f"circuit {view['circuit']}")
+        circuit = f"circuit {view['circuit']}"
+        if view.get("since"):
+            circuit += f" since {view['since']}"
+        error = view.get("last_error")
+        if error:
+            circuit += f" after {error.get('code')}: {error.get('message')}"
+        parts.append(circuit)
     if view["not_before"] is not None:
         parts.append("rate limited")
     if view["concurrency"] < view["max_concurrency"]:
@@ -78,3 +105,28 @@ def waiting_view(
         if view["reason"] is not None:
             out.setdefault(pace.region, {})[pace.model] = view
     return out
+
+
+def blocked(waiting: Mapping[str, Mapping[str, Any]], failover: str) -> dict[str, str]:
+    """region -> why its ETA is unknown: under failover "none" a region whose circuit is
+    not closed for a model of the job cannot finish until it comes back, however fast
+    the rest goes (under "any" its work flows to the other regions)."""
+    if failover != "none":
+        return {}
+    out = {}
+    for region, models in waiting.items():
+        down = [f"{m}: {v['reason']}" for m, v in sorted(models.items()) if v["circuit"] != CLOSED]
+        if down:
+            out[region] = f"waiting on {region} ({'; '.join(down)})"
+    return out
+
+
+def waiting_reason(
+    waiting: Mapping[str, Mapping[str, Any]], failover: str, state: str, region: str, model: str
+) -> str | None:
+    """Why one execution has not run (yet): the reason of its requested region and model,
+    for work queued there, or (failover "none") waiting there to retry."""
+    if state != "queued" and not (state == "retry_wait" and failover == "none"):
+        return None
+    view = waiting.get(region, {}).get(model)
+    return None if view is None else f"{region}/{model}: {view['reason']}"

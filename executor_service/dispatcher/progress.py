@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 FINAL = ("succeeded", "dead", "cancelled")
+# Why an ETA is null before any execution has finished.
+NO_RATE_YET = "no execution finished yet"
 
 
 def tally(states: Mapping[str, int], total: int | None = None) -> dict[str, Any]:

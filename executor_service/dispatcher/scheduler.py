@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from . import rules
 from .config import DispatcherSettings
@@ -130,8 +131,14 @@ class CallVerdict(StrEnum):
 
 @dataclass(frozen=True)
 class CircuitChange:
+    """A breaker's new state. While not closed: ``since``, when it first opened in this
+    outage (a failed probe reopens it without moving ``since``), and ``error``, the
+    failure that opened it last (``{code, message}``), for the job view's "why"."""
+
     state: CircuitState
     open_until: float | None
+    since: float | None = None
+    error: dict[str, Any] | None = None
 
 
 class CircuitBreaker:
@@ -156,6 +163,8 @@ class CircuitBreaker:
         self._state = CircuitState.CLOSED
         self._failures = 0
         self._open_until: float | None = None
+        self._since: float | None = None  # when it opened, first time in this outage
+        self._error: dict[str, Any] | None = None  # the last unhealthy call's error
         self._probe_in_flight = False
 
     @property
@@ -183,7 +192,7 @@ class CircuitBreaker:
                 if self.clock() < self._open_until:
                     return 0
                 self._state, self._probe_in_flight = CircuitState.HALF_OPEN, False
-                change = CircuitChange(CircuitState.HALF_OPEN, None)
+                change = CircuitChange(CircuitState.HALF_OPEN, None, self._since, self._error)
             if self._state is CircuitState.HALF_OPEN:
                 allowed = 0 if self._probe_in_flight else min(free, 1)
             else:
@@ -204,22 +213,29 @@ class CircuitBreaker:
                 return None
             return max(0.0, self._open_until - self.clock())
 
-    def record(self, verdict: CallVerdict) -> None:
-        """Count a finished call's verdict and change state when it says so."""
+    def record(self, verdict: CallVerdict, error: Mapping[str, Any] | None = None) -> None:
+        """Count a finished call's verdict (an unhealthy one's ``error``: its code and
+        message are what the job view says opened the circuit) and change state when
+        it says so."""
         change = None
         with self._lock:
             if verdict is CallVerdict.HEALTHY:
-                self._failures = 0
+                self._failures, self._since, self._error = 0, None, None
                 if self._state is not CircuitState.CLOSED:
                     self._state, self._open_until = CircuitState.CLOSED, None
                     change = CircuitChange(CircuitState.CLOSED, None)
             elif verdict is CallVerdict.UNHEALTHY:
                 self._failures += 1
+                if error is not None:
+                    self._error = {k: error[k] for k in ("code", "message") if k in error}
                 reopen = self._state is CircuitState.HALF_OPEN
                 trip = self._state is CircuitState.CLOSED and self._failures >= self.threshold
                 if reopen or trip:
-                    self._state = CircuitState.OPEN
-                    self._open_until = self.clock() + self.cooldown_s
-                    change = CircuitChange(CircuitState.OPEN, self._open_until)
+                    now = self.clock()
+                    self._state, self._open_until = CircuitState.OPEN, now + self.cooldown_s
+                    self._since = now if self._since is None else self._since
+                    change = CircuitChange(
+                        CircuitState.OPEN, self._open_until, self._since, self._error
+                    )
             self._probe_in_flight = False
         self._notify(change)

@@ -177,10 +177,19 @@ class ProgressSchema(Schema):
     finished_fraction = fields.Float(metadata={"description": "final (any outcome) / total"})
 
 
+# Why an ETA is null, in the job view and per region.
+ETA_UNKNOWN = (
+    "why eta_s is null: 'waiting on R (model: circuit open since T after code: message)' "
+    "while the job needs region R and its circuit is not closed (failover none), or "
+    "'no execution finished yet'; null when eta_s is a number"
+)
+
+
 class RegionProgressSchema(ProgressSchema):
     region = fields.String()
     counts = fields.Dict(keys=fields.String(), values=fields.Integer())
     eta_s = fields.Float(allow_none=True)
+    eta_unknown = fields.String(allow_none=True, metadata={"description": ETA_UNKNOWN})
 
 
 class JobSchema(Schema):
@@ -219,14 +228,21 @@ class JobSchema(Schema):
     )
     eta_s = fields.Float(
         allow_none=True,
-        metadata={"description": "seconds left at the completion rate seen so far"},
+        metadata={
+            "description": "seconds left at the completion rate seen so far; null while "
+            "a region the job needs is down (eta_unknown says which)"
+        },
     )
+    eta_unknown = fields.String(allow_none=True, metadata={"description": ETA_UNKNOWN})
     deadline_at = fields.Float(allow_none=True, metadata={"description": "the job's deadline"})
     waiting = fields.Dict(
         metadata={
-            "description": "region -> model -> why its work waits (rate_limited until T, "
-            "circuit open until T, adaptive concurrency k of n, budget use), for the "
-            "(region, model)s with work left"
+            "description": "region -> model -> why its work waits (GET /jobs/<id> only): "
+            "reason (circuit open since T after the failure's code: message, rate "
+            "limited, adaptive concurrency k of n, budget), circuit, circuit_open_until, "
+            "not_before, and while the circuit is not closed since (ISO), since_at "
+            "(epoch s), waited_s and last_error {code, message}: for the (region, "
+            "model)s with work left"
         }
     )
     view_url = fields.String(metadata={"description": "the job's live page"})
@@ -281,6 +297,13 @@ class ExecutionSchema(Schema):
     )
     created_at = fields.Float()
     finished_at = fields.Float(allow_none=True)
+    waiting_reason = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "queued (or, failover none, waiting to retry) in a region and "
+            "model that cannot take it now: 'region/model: reason' as in the job's waiting"
+        },
+    )
 
 
 # One page of results: enough for a screen, small enough to hold answers in memory.
@@ -293,9 +316,9 @@ class ResultsQuerySchema(Schema):
         validate=validate.Range(1, MAX_RESULTS_PAGE),
         metadata={"description": "executions per JSON page (default 1000)"},
     )
-    cursor = fields.Integer(
-        validate=validate.Range(min=0),
-        metadata={"description": "next_cursor of the previous page"},
+    cursor = fields.String(
+        validate=validate.Length(max=2000),
+        metadata={"description": "next_cursor of the previous page (opaque)"},
     )
 
 

@@ -11,9 +11,6 @@ one thing; both share ``api.state()`` and its tenant check.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 from typing import Any
 
@@ -22,7 +19,7 @@ from marshmallow import Schema, fields, validate
 
 from ..errors import ValidationFailed
 from ..jsonbody import Blueprint
-from . import compare
+from . import compare, cursors
 from .api import _owned_job, execution_view, job_view, state
 from .schemas import JobSchema, QuestionSchema
 from .store.base import JobQuery, RetryRequest
@@ -144,20 +141,17 @@ class RetrySchema(Schema):
 
 def encode_cursor(created_at: float, job_id: str) -> str:
     """The position after a job in the newest-first listing, opaque to clients."""
-    raw = json.dumps([created_at, job_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return cursors.encode([created_at, job_id])
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
     """A cursor back to (created_at, job_id); ValidationFailed if it was not ours."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, job_id = json.loads(raw)
+
+    def parse(values: list[Any]) -> tuple[float, str]:
+        created_at, job_id = values
         return float(created_at), str(job_id)
-    except (binascii.Error, ValueError, TypeError):
-        raise ValidationFailed(
-            details={"cursor": ["not a cursor this API gave out (use next_cursor)"]}
-        ) from None
+
+    return cursors.decode(cursor, parse)
 
 
 @blp.route("/jobs", methods=["GET"])

@@ -316,7 +316,7 @@ class RegionWorker:
             logger.exception("recording the result failed", extra=log)
         finally:
             if result is not None and not result.reused:  # a reused answer tells no health
-                self.circuits[claim.model].record(result.verdict)
+                self.circuits[claim.model].record(result.verdict, result.error)
             if self.hedger is not None:
                 self.hedger.finished(claim, result, started)
             with self._cond:

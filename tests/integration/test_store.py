@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -828,17 +829,48 @@ def test_samples_and_messages_expand_into_numbered_executions(store: Store) -> N
     assert c.messages == chat and c.sample in range(3)
 
 
-def test_executions_page_by_offset_with_their_attempts(store: Store) -> None:
-    job, _ = store.create_job(make_job(questions=5), T0)
+def test_executions_page_by_key_with_their_attempts(store: Store) -> None:
+    job, _ = store.create_job(make_job(questions=5, models=("m2", "m1")), T0)
     (first, *_) = claim(store, limit=1)
     assert store.fail(first.execution_id, first.token, {"code": "x"}, T0, T0, T0 + 1)
     everything = store.executions(job.id)
-    pages = [store.executions(job.id, offset=o, limit=2) for o in (0, 2, 4)]
+    pages = [store.executions(job.id, limit=4)]
+    while len(pages[-1]) == 4:
+        pages.append(store.executions(job.id, after=pages[-1][-1].key, limit=4))
 
-    assert [len(p) for p in pages] == [2, 2, 1]
+    assert [len(p) for p in pages] == [4, 4, 2]
     assert [e.id for p in pages for e in p] == [e.id for e in everything]
-    assert pages[0][0].attempt_log == everything[0].attempt_log and pages[0][0].attempt_log
-    assert store.executions(job.id, offset=6, limit=2) == []
+    assert [e.key for e in everything] == sorted(e.key for e in everything)
+    assert everything[0].model == "m1"  # the order is the key's, not the job's model order
+    with_log = next(e for p in pages for e in p if e.id == first.execution_id)
+    assert with_log.attempt_log and with_log.attempt_log == next(
+        e.attempt_log for e in everything if e.id == first.execution_id
+    )
+    assert store.executions(job.id, after=everything[-1].key, limit=4) == []
+    assert [e.id for e in store.executions(job.id, after=everything[3].key)] == [
+        e.id for e in everything[4:]
+    ]
+
+
+def test_a_circuit_keeps_when_it_opened_and_why(store: Store) -> None:
+    error = {"code": "connection_error", "message": "cannot reach r1: Connection refused"}
+    store.update_pace(
+        "r1",
+        "m1",
+        4,
+        lambda p: replace(
+            p, circuit="open", circuit_open_until=T0 + 30, circuit_since=T0, circuit_error=error
+        ),
+    )
+    (pace,) = store.paces(["r1"])
+    assert (pace.circuit, pace.circuit_since, pace.circuit_error) == ("open", T0, error)
+    store.update_pace("r1", "m1", 4, lambda p: pacing.after_success(p))  # another write
+    (pace,) = store.paces(["r1"])
+    assert pace.circuit_error == error and pace.circuit_open_until == T0 + 30
+    closed = {"circuit": "closed", "circuit_since": None, "circuit_error": None}
+    store.update_pace("r1", "m1", 4, lambda p: replace(p, **closed))  # type: ignore[arg-type]
+    (pace,) = store.paces(["r1"])
+    assert (pace.circuit, pace.circuit_since, pace.circuit_error) == ("closed", None, None)
 
 
 def test_list_jobs_newest_first_by_page_state_and_name(store: Store) -> None:

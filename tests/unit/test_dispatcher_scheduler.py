@@ -86,7 +86,8 @@ def test_circuit_opens_after_threshold_consecutive_failures() -> None:
     assert breaker.state is CircuitState.CLOSED and breaker.allowance(4) == 4
     breaker.record(CallVerdict.UNHEALTHY)
     assert breaker.state is CircuitState.OPEN
-    assert changes == [CircuitChange(CircuitState.OPEN, clock.now + 10.0)]
+    # since: when it opened; no error was given with these verdicts
+    assert changes == [CircuitChange(CircuitState.OPEN, clock.now + 10.0, since=clock.now)]
     assert breaker.allowance(4) == 0
     assert breaker.seconds_until_probe() == 10.0
 

@@ -24,6 +24,7 @@ from executor_service.dispatcher.store.models import (
     Claim,
     Claims,
     Execution,
+    ExecutionKey,
     Failover,
     Job,
     JobQuery,
@@ -46,6 +47,7 @@ __all__ = [  # the records are defined in models.py
     "Claim",
     "Claims",
     "Execution",
+    "ExecutionKey",
     "Failover",
     "IdempotencyConflict",
     "Job",
@@ -124,12 +126,13 @@ class Store(ABC):
         self,
         job_id: str,
         with_attempts: bool = True,
-        offset: int = 0,
+        after: ExecutionKey | None = None,
         limit: int | None = None,
     ) -> list[Execution]:
-        """The job's executions in (question_index, model, requested_region, sample)
-        order; ``limit`` of them from ``offset`` (a job's executions never change
-        after it is created, so offsets page it stably)."""
+        """The job's executions in ``Execution.key`` order (question_index, model,
+        requested_region, id); ``limit`` of them after the key ``after`` (keyset paging:
+        each page is an index range, so reading a job page by page stays linear, where
+        OFFSET paging re-read every earlier page)."""
 
     @abstractmethod
     def list_jobs(self, query: JobQuery) -> list[Job]:

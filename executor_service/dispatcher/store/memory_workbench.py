@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from executor_service.dispatcher.store.models import (
     JOB_PHASES,
     Execution,
+    ExecutionKey,
     Job,
     JobQuery,
     RetryRequest,
@@ -44,17 +45,19 @@ class WorkbenchOps:
         self,
         job_id: str,
         with_attempts: bool = True,
-        offset: int = 0,
+        after: ExecutionKey | None = None,
         limit: int | None = None,
     ) -> list[Execution]:
+        def key(r: ExecutionRow) -> ExecutionKey:
+            return (r.question_index, r.model, r.requested_region, r.id)
+
         with self._lock:
             self._check_open()
             rows = sorted(
-                self._where(lambda r: r.job_id == job_id),
-                key=lambda r: (r.question_index, r.model, r.requested_region, r.id),
+                self._where(lambda r: r.job_id == job_id and (after is None or key(r) > after)),
+                key=key,
             )
-            end = None if limit is None else offset + limit
-            return [self._execution(r, with_attempts) for r in rows[offset:end]]
+            return [self._execution(r, with_attempts) for r in rows[:limit]]
 
     def list_jobs(self, query: JobQuery) -> list[Job]:
         phase = JOB_PHASES[query.state] if query.state is not None else {}

@@ -120,6 +120,17 @@ class Execution:
     attempt_base: int = 0
     hedges: int = 0  # second copies sent for stragglers (hedging.py; not attempts)
 
+    @property
+    def key(self) -> ExecutionKey:
+        """Its place in a job's results order (``Store.executions``): a page's last key
+        is where the next page starts."""
+        return (self.question_index, self.model, self.requested_region, self.id)
+
+
+# (question_index, model, requested_region, id): the order of a job's results, compared
+# by code points (SQLite's BINARY, PostgreSQL's COLLATE "C", Python's str).
+ExecutionKey = tuple[int, str, str, int]
+
 
 @dataclass(frozen=True)
 class Claim:

@@ -291,7 +291,7 @@ class PostgresStore(SQLStore[Cursor]):
                 "sources": [s.value for _, s, _ in picked],
             }
             for pace in changed:  # only when a budget or a limit moved
-                cur.execute(Q["pace_put"], records.pace_args(pace))
+                cur.execute(Q["pace_put"], records.pace_args(pace, self._dumps))
             rows = cur.execute(Q["lease"], lease).fetchall() if picked else []
         return self._claims(request, picked, tokens, rows, held)
 

@@ -227,7 +227,7 @@ def check_circuit_state(state: str) -> None:
         raise ValueError(f"circuit state must be one of {sorted(CIRCUIT_STATES)}, not {state!r}")
 
 
-def pace_from_row(row: Mapping[str, Any]) -> Pace:
+def pace_from_row(row: Mapping[str, Any], loads: Loads) -> Pace:
     """A paces row as a pacing.Pace (its ``lim`` column is the ``limit`` field)."""
     return Pace(
         region=row["region"],
@@ -243,9 +243,11 @@ def pace_from_row(row: Mapping[str, Any]) -> Pace:
         deferrals=int(row["deferrals"]),
         circuit=row["circuit"],
         circuit_open_until=row["circuit_open_until"],
+        circuit_since=row["circuit_since"],
+        circuit_error=loads(row["circuit_error"]),
     )
 
 
-def pace_args(pace: Pace) -> dict[str, Any]:
-    """The named parameters of pace_put."""
-    return dict(vars(pace))
+def pace_args(pace: Pace, dumps: Loads) -> dict[str, Any]:
+    """The named parameters of pace_put (``dumps``: the dialect's JSON parameter)."""
+    return {**vars(pace), "circuit_error": dumps(pace.circuit_error)}

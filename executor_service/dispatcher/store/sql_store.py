@@ -274,7 +274,7 @@ class SQLStore(ResultWrites[DB], SQLHedges[DB], SQLWorkbenchOps, Store, Generic[
         """Every model's pace from the claim_paces rows; the rows missing (a model's first
         claim) are created first (pacing.Pace.initial) and read again, locked."""
         region, models = request.region.name, sorted(request.region.models)
-        found = {r["model"]: records.pace_from_row(r) for r in rows}
+        found = {r["model"]: records.pace_from_row(r, self._loads) for r in rows}
         missing = [m for m in models if m not in found]
         if missing:
             limits = [request.max_limit(m) for m in missing]
@@ -282,7 +282,7 @@ class SQLStore(ResultWrites[DB], SQLHedges[DB], SQLWorkbenchOps, Store, Generic[
             db.execute(self.queries["claim_paces_insert"], key)
             again = {"region": region, "models": self._list(missing)}
             for r in db.execute(self.queries["claim_paces"], again):
-                found[r["model"]] = records.pace_from_row(r)
+                found[r["model"]] = records.pace_from_row(r, self._loads)
         paces = {}
         for model in models:
             pace, max_limit = found[model], request.max_limit(model)
@@ -299,7 +299,7 @@ class SQLStore(ResultWrites[DB], SQLHedges[DB], SQLWorkbenchOps, Store, Generic[
         if row is None:
             db.execute(self.queries["pace_insert"], {**key, "max_limit": max_limit})
             row = db.execute(self.queries["pace_get"], key).fetchone()
-        pace = records.pace_from_row(row)
+        pace = records.pace_from_row(row, self._loads)
         if pace.max_limit != max_limit:  # the regions file changed
             pace = pacing.with_max_limit(pace, max_limit)
         return pace
@@ -380,13 +380,13 @@ class SQLStore(ResultWrites[DB], SQLHedges[DB], SQLWorkbenchOps, Store, Generic[
             pace = self._pace_for_update(db, region, model, max_limit)
             after = change(pace)
             if after != pace:
-                db.execute(self.queries["pace_put"], records.pace_args(after))
+                db.execute(self.queries["pace_put"], records.pace_args(after, self._dumps))
         return after
 
     def paces(self, regions: Sequence[str]) -> list[Pace]:
         with self._transaction() as db:
             return [
-                records.pace_from_row(r)
+                records.pace_from_row(r, self._loads)
                 for name in regions
                 for r in db.execute(self.queries["paces_of_region"], {"region": name})
             ]
@@ -426,7 +426,7 @@ class SQLStore(ResultWrites[DB], SQLHedges[DB], SQLWorkbenchOps, Store, Generic[
             rows = self._queue_regions(db, names)
             paces = {
                 name: [
-                    records.pace_from_row(r)
+                    records.pace_from_row(r, self._loads)
                     for r in db.execute(self.queries["paces_of_region"], {"region": name})
                 ]
                 for name in names

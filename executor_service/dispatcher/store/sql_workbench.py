@@ -16,6 +16,7 @@ from executor_service.dispatcher.store.models import (
     JOB_PHASES,
     Attempt,
     Execution,
+    ExecutionKey,
     Job,
     JobQuery,
     RetryRequest,
@@ -43,17 +44,21 @@ class SQLWorkbenchOps:
         self,
         job_id: str,
         with_attempts: bool = True,
-        offset: int = 0,
+        after: ExecutionKey | None = None,
         limit: int | None = None,
     ) -> list[Execution]:
-        paged = limit is not None
+        paged = limit is not None or after is not None
         with self._transaction() as db:
             if paged:
-                args = {"job_id": job_id, "offset": offset, "limit": limit}
-                rows = db.execute(self.queries["list_executions_page"], args).fetchall()
+                # A page is a range of the executions_results index: first, or after a key.
+                args: dict[str, Any] = {"job_id": job_id, "limit": limit}
+                if after is not None:
+                    keys = ("after_question", "after_model", "after_region", "after_id")
+                    args.update(zip(keys, after, strict=True))
+                query = "list_executions_page" if after is None else "list_executions_after"
+                rows = db.execute(self.queries[query], args).fetchall()
             else:
                 rows = db.execute(self.queries["list_executions"], {"job_id": job_id}).fetchall()
-                rows = rows[offset:]
             attempts: dict[int, list[Attempt]] = {}
             if with_attempts and rows:
                 if paged:

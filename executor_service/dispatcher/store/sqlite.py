@@ -227,7 +227,7 @@ class SQLiteStore(SQLStore[sqlite3.Connection]):
                 return Claims()
             picked, held, changed = self._paced_pick(db, args, request, free, state)
             for pace in changed:
-                db.execute(Q["pace_put"], records.pace_args(pace))
+                db.execute(Q["pace_put"], records.pace_args(pace, self._dumps))
             tokens = [records.new_token() for _ in picked]
             rows: list[records.Row] = []
             if picked:

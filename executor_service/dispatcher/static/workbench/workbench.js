@@ -79,6 +79,8 @@
     if (s < 3600) return (s / 60).toFixed(1) + " min";
     return (s / 3600).toFixed(1) + " h";
   }
+  // An ETA, or "unknown" when the API says it cannot tell (eta_unknown: why).
+  function eta(x) { return x.eta_s === null && x.eta_unknown ? "unknown" : seconds(x.eta_s); }
   function money(x) { return x >= 1 ? x.toFixed(2) : x.toPrecision(3); }
   function errorText(err) {
     if (!err) return "";
@@ -97,8 +99,8 @@
   }
 
   // -- the job page --------------------------------------------------------------
-  // Why a region's work waits (GET /jobs/<id> "waiting"): per model, its circuit, a
-  // rate-limit wait, adaptive concurrency or an exhausted budget.
+  // Why a region's work waits (GET /jobs/<id> "waiting"): per model, its circuit (since
+  // when, after which failure), a rate-limit wait, adaptive concurrency or a budget.
   function waitingText(job, region) {
     const models = (job.waiting || {})[region] || {};
     return Object.entries(models).map(([model, w]) => {
@@ -120,7 +122,8 @@
       el("td", { class: "num" + (region.dead ? " bad" : "") }, region.dead),
       el("td", { class: "num" }, region.cancelled),
       el("td", { class: "num" }, region.in_progress),
-      el("td", { class: "num" }, region.in_progress ? seconds(region.eta_s) : "done"),
+      el("td", { class: "num" + (region.eta_unknown && region.eta_s === null ? " bad" : ""),
+        title: region.eta_unknown || "" }, region.in_progress ? eta(region) : "done"),
       el("td", { class: circuit === "closed" ? "" : "bad" }, circuit),
       el("td", { class: waiting ? "waiting bad" : "waiting" }, waiting));
   }
@@ -144,7 +147,8 @@
         el("span", { class: "muted" },
           " · " + p.succeeded + " succeeded, " + p.dead + " dead, " + p.cancelled + " cancelled, " +
           p.in_progress + " in progress of " + p.total +
-          (p.in_progress ? " · ETA " + seconds(job.eta_s) : ""))));
+          (p.in_progress ? " · ETA " + eta(job) +
+            (job.eta_s === null && job.eta_unknown ? " (" + job.eta_unknown + ")" : "") : ""))));
     const tbody = $("regions-table").tBodies[0];
     tbody.replaceChildren(...job.regions.map((r) => regionRow(r, job, queue)));
     if (queue) {

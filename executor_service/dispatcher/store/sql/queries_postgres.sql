@@ -29,9 +29,19 @@ SELECT * FROM executions WHERE job_id = %(job_id)s
 ORDER BY question_index, model COLLATE "C", requested_region COLLATE "C", id;
 
 -- name: list_executions_page
+-- The first page of a job's results (LIMIT NULL: no limit), on the executions_results index.
 SELECT * FROM executions WHERE job_id = %(job_id)s
 ORDER BY question_index, model COLLATE "C", requested_region COLLATE "C", id
-LIMIT %(limit)s OFFSET %(offset)s;
+LIMIT %(limit)s;
+
+-- name: list_executions_after
+-- The next page: keyset paging after the last key of the previous one.
+SELECT * FROM executions
+WHERE job_id = %(job_id)s
+  AND (question_index, model COLLATE "C", requested_region COLLATE "C", id)
+      > (%(after_question)s, %(after_model)s, %(after_region)s, %(after_id)s)
+ORDER BY question_index, model COLLATE "C", requested_region COLLATE "C", id
+LIMIT %(limit)s;
 
 -- name: list_attempts_of
 SELECT * FROM attempts WHERE execution_id = ANY(%(ids)s::bigint[])
@@ -358,7 +368,8 @@ ON CONFLICT (region, model) DO NOTHING;
 UPDATE paces
 SET max_limit = %(max_limit)s, lim = %(limit)s, not_before = %(not_before)s, success_run = %(success_run)s,
     decreased_at = %(decreased_at)s, requests = %(requests)s, tokens = %(tokens)s, level_at = %(level_at)s,
-    deferrals = %(deferrals)s, circuit = %(circuit)s, circuit_open_until = %(circuit_open_until)s
+    deferrals = %(deferrals)s, circuit = %(circuit)s, circuit_open_until = %(circuit_open_until)s,
+    circuit_since = %(circuit_since)s, circuit_error = %(circuit_error)s
 WHERE region = %(region)s AND model = %(model)s;
 
 -- name: paces_of_region

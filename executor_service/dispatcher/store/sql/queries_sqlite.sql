@@ -27,8 +27,17 @@ SELECT * FROM executions WHERE job_id = :job_id
 ORDER BY question_index, model, requested_region, id;
 
 -- name: list_executions_page
+-- The first page of a job's results (LIMIT -1: no limit), on the executions_results index.
 SELECT * FROM executions WHERE job_id = :job_id
-ORDER BY question_index, model, requested_region, id LIMIT :limit OFFSET :offset;
+ORDER BY question_index, model, requested_region, id LIMIT coalesce(:limit, -1);
+
+-- name: list_executions_after
+-- The next page: keyset paging after the last key of the previous one.
+SELECT * FROM executions
+WHERE job_id = :job_id
+  AND (question_index, model, requested_region, id)
+      > (:after_question, :after_model, :after_region, :after_id)
+ORDER BY question_index, model, requested_region, id LIMIT coalesce(:limit, -1);
 
 -- name: list_attempts_of
 SELECT * FROM attempts WHERE execution_id IN (SELECT value FROM json_each(:ids))
@@ -296,7 +305,8 @@ ON CONFLICT (region, model) DO NOTHING;
 UPDATE paces
 SET max_limit = :max_limit, lim = :limit, not_before = :not_before, success_run = :success_run,
     decreased_at = :decreased_at, requests = :requests, tokens = :tokens, level_at = :level_at,
-    deferrals = :deferrals, circuit = :circuit, circuit_open_until = :circuit_open_until
+    deferrals = :deferrals, circuit = :circuit, circuit_open_until = :circuit_open_until,
+    circuit_since = :circuit_since, circuit_error = :circuit_error
 WHERE region = :region AND model = :model;
 
 -- name: paces_of_region
