@@ -19,6 +19,7 @@ from executor_service.dispatcher.commands import waiting_detail
 from executor_service.dispatcher.config import DispatcherSettings
 from executor_service.dispatcher.regions import Regions
 from executor_service.dispatcher.runtime import InlinePool, ManualWakeup
+from executor_service.dispatcher.schemas import ResultsSchema
 from executor_service.dispatcher.scheduler import (
     BackoffPolicy,
     CallVerdict,
@@ -176,6 +177,9 @@ def test_a_job_waiting_on_a_dead_region_says_which_since_when_and_why(env: Env) 
         assert dead[q]["last_error"]["code"] == "connection_error"
     lines = env.client.get(f"/jobs/{job_id}/results?format=jsonl", headers=ALICE).get_data(True)
     assert lines.count('"waiting_reason":"dead/m: circuit open since') == 4
+    # The JSON page is what its schema says, exactly (it is not dumped through it).
+    page = env.get(f"/jobs/{job_id}/results")
+    assert ResultsSchema().dump(page) == page
 
     # The region comes back: the probe after the cool-down closes the circuit.
     env.callers["dead"].down = False
@@ -233,8 +237,22 @@ def test_the_breaker_knows_when_the_outage_began() -> None:
     assert changes[-1] == CircuitChange(CircuitState.OPEN, 205.0, 200.0, None)
 
 
-def test_a_results_cursor_not_ours_is_a_422(env: Env) -> None:
-    job_id = env.submit(1)
-    for cursor in ("12", "not-ours", "W10", "WzEsMiwzXQ"):
+def test_results_pages_follow_an_opaque_keyset_cursor(env: Env) -> None:
+    job_id = env.submit(7)
+    env.step(3)
+    everything = env.get(f"/jobs/{job_id}/results?limit=100")
+    assert everything["next_cursor"] is None and len(everything["executions"]) == 14
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = env.get(f"/jobs/{job_id}/results?limit=3" + (f"&cursor={cursor}" if cursor else ""))
+        assert ResultsSchema().dump(page) == page
+        seen += page["executions"]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+        assert not cursor.isdigit()  # opaque: a key, not an offset
+    assert pages == 5 and seen == everything["executions"]  # same order, nothing twice
+    for cursor in ("12", "not-ours", "W10", "WzEsMiwzXQ", "WzEsMiwzLDRd"):
         r = env.client.get(f"/jobs/{job_id}/results?cursor={cursor}", headers=ALICE)
         assert r.status_code == 422 and "cursor" in r.get_json()["error"]["details"]
