@@ -1,7 +1,7 @@
 """A job's results as files: JSONL (one execution per line, every field) and CSV (the
 same columns, nested values as JSON), times in ISO-8601 UTC.
 
-Both are written from execution views (``api.execution_view``) a page at a time, so
+Both are written from execution views (``results.execution_view``) a chunk at a time, so
 a job of 100,000 executions streams without being held in memory.
 """
 

@@ -18,8 +18,6 @@ from .regions import Region
 
 FINAL_STATES = ("succeeded", "dead", "cancelled")
 CLOSED = "closed"
-# The states of an execution that waits for its region to claim it.
-WAITING_STATES = ("queued", "retry_wait")
 
 
 def pace_view(pace: Pace, region: Region | None, now: float) -> dict[str, Any]:
@@ -41,7 +39,7 @@ def pace_view(pace: Pace, region: Region | None, now: float) -> dict[str, Any]:
         "waited_s": None,
         "last_error": None,
     }
-    if pace.circuit != "closed":
+    if pace.circuit != CLOSED:
         view["last_error"] = pace.circuit_error
         if pace.circuit_since is not None:
             view["since"] = iso(pace.circuit_since)
@@ -63,7 +61,7 @@ def pace_view(pace: Pace, region: Region | None, now: float) -> dict[str, Any]:
 def reason(view: Mapping[str, Any]) -> str | None:
     """A short human reason, most binding first (None: nothing holds it back)."""
     parts = []
-    if view["circuit"] != "closed":
+    if view["circuit"] != CLOSED:
         circuit = f"circuit {view['circuit']}"
         if view.get("since"):
             circuit += f" since {view['since']}"

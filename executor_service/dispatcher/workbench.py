@@ -20,7 +20,8 @@ from marshmallow import Schema, fields, validate
 from ..errors import ValidationFailed
 from ..jsonbody import Blueprint
 from . import compare, cursors
-from .api import _owned_job, execution_view, job_view, state
+from .api import _owned_job, job_view, state
+from .results import execution_view
 from .schemas import JobSchema, QuestionSchema
 from .store.base import JobQuery, RetryRequest
 from .store.models import JOB_PHASES
