@@ -19,7 +19,6 @@ from executor_service.dispatcher.commands import waiting_detail
 from executor_service.dispatcher.config import DispatcherSettings
 from executor_service.dispatcher.regions import Regions
 from executor_service.dispatcher.runtime import InlinePool, ManualWakeup
-from executor_service.dispatcher.schemas import ResultsSchema
 from executor_service.dispatcher.scheduler import (
     BackoffPolicy,
     CallVerdict,
@@ -28,6 +27,7 @@ from executor_service.dispatcher.scheduler import (
     CircuitState,
     Jitter,
 )
+from executor_service.dispatcher.schemas import ResultsSchema
 from executor_service.dispatcher.store.memory import MemoryStore
 from executor_service.dispatcher.worker import Dispatcher, WorkerConfig
 
