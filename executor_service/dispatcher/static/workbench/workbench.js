@@ -122,7 +122,7 @@
       el("td", { class: "num" + (region.dead ? " bad" : "") }, region.dead),
       el("td", { class: "num" }, region.cancelled),
       el("td", { class: "num" }, region.in_progress),
-      el("td", { class: "num" + (region.eta_unknown && region.eta_s === null ? " bad" : ""),
+      el("td", { class: "num" + (waiting && region.eta_s === null && region.eta_unknown ? " bad" : ""),
         title: region.eta_unknown || "" }, region.in_progress ? eta(region) : "done"),
       el("td", { class: circuit === "closed" ? "" : "bad" }, circuit),
       el("td", { class: waiting ? "waiting bad" : "waiting" }, waiting));
