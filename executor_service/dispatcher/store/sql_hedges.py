@@ -94,7 +94,7 @@ class SQLHedges(Generic[DB]):
             if counted is None:  # this lease was hedged already
                 return None
             if paces[model] != before:
-                db.execute(self.queries["pace_put"], records.pace_args(paces[model]))
+                db.execute(self.queries["pace_put"], records.pace_args(paces[model], self._dumps))
             token = records.new_token()
             seat = {
                 "token": token,
