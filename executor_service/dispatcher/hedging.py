@@ -129,6 +129,12 @@ class Hedger:
             with self._lock:
                 self._running[(claim.execution_id, claim.token)] = _Running(claim, when)
 
+    def hedged(self, claim: Claim) -> bool:
+        """Whether this first call, still running here, has a hedge racing it."""
+        with self._lock:
+            running = self._running.get((claim.execution_id, claim.token))
+        return running is not None and running.hedge is not None
+
     def finished(self, claim: Claim, result: CallResult | None, started: float) -> None:
         """A first call ended (its outcome already written by the recorder)."""
         now = self.clock()

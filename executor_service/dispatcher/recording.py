@@ -51,6 +51,9 @@ class Recorder:
         self.wakeup = wakeup
         self.on_retry_scheduled = on_retry_scheduled
         self.paces: dict[str, Pace] = {}
+        # whether a call was hedged (the Dispatcher sets hedging.Hedger.hedged): a hedged
+        # call's write that finds its lease ended lost the race, it did not lose its lease
+        self.hedged: Callable[[Claim], bool] = lambda claim: False
 
     def pace(self, claim: Claim, change: pacing.PaceChange) -> Pace:
         """Apply a pacing rule to the claim's (region, model) in the store."""
@@ -177,7 +180,9 @@ class Recorder:
                     "gave_up": gave_up,
                 }
                 logger.info("call failed", extra={**log, **failed})
-        if not written:
+        if not written and self.hedged(claim):
+            logger.info("answer not used: the call's hedge answered first", extra=log)
+        elif not written:
             metrics.LOST_LEASES.labels(name).inc()
             logger.warning("lease lost before the result was written; discarded", extra=log)
 

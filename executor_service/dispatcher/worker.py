@@ -372,7 +372,7 @@ class Dispatcher:
         }
         self.hedger = Hedger(store, self.workers, self.config.hedging, clock, self.config.lease_s)
         for worker in self.workers.values():
-            worker.hedger = self.hedger
+            worker.hedger, worker.recorder.hedged = self.hedger, self.hedger.hedged
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False

@@ -4,13 +4,14 @@ the hedge's own call before it returns, as if they ran while it was in flight.""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from test_dispatcher_steps import T0, Stepper, ok, regions
 
-from executor_service.dispatcher import rules
+from executor_service.dispatcher import metrics, rules
 from executor_service.dispatcher.client import CallResult
 from executor_service.dispatcher.hedging import MIN_SAMPLES, HedgeConfig, LatencyStats
 from executor_service.dispatcher.rules import ClaimRequest
@@ -74,11 +75,20 @@ def hedge_now(s: Stepper) -> None:
     assert s.dispatcher.hedger.check_once() == 1
 
 
-def test_a_straggler_is_hedged_in_its_region_and_the_first_answer_wins() -> None:
+def test_a_straggler_is_hedged_in_its_region_and_the_first_answer_wins(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     s = stepper(a=2)
     j = job(s, 20, ["a"], Failover.NONE)  # 20 executions: a budget of 1 hedge
     straggler(s, "q19", lambda: hedge_now(s))  # the last one: the job is in its tail
-    run_job(s, j)
+    lost = metrics.LOST_LEASES.labels("a")._value.get()
+    with caplog.at_level(logging.INFO, logger="executor_service.dispatcher"):
+        run_job(s, j)
+    # the beaten call's late answer is "not used", not a lost lease
+    assert metrics.LOST_LEASES.labels("a")._value.get() == lost
+    messages = [r.getMessage() for r in caplog.records]
+    assert "answer not used: the call's hedge answered first" in messages
+    assert not any("lease lost" in m for m in messages)
 
     assert s.store.job_finished(j)
     by_q = {e.question: e for e in s.store.executions(j)}
