@@ -11,12 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask.testing import FlaskClient
+from dispatcher_app import ALICE, BOB, DispatcherApp
 
-from executor_service.dispatcher.api import create_dispatcher_app
-from executor_service.dispatcher.config import DispatcherSettings
 from executor_service.dispatcher.rules import ClaimRequest
-from executor_service.dispatcher.store.memory import MemoryStore
 
 REGIONS_TOML = """
 [regions.us]
@@ -30,37 +27,12 @@ url = "http://127.0.0.1:9"
 concurrency = 50
 models = ["m1"]
 """
-ALICE = {"Authorization": "Bearer key-a"}
-BOB = {"Authorization": "Bearer key-b"}
 T0 = 1_750_000_000.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Env:
+class Env(DispatcherApp):
     def __init__(self, tmp: Path) -> None:
-        regions = tmp / "regions.toml"
-        regions.write_text(REGIONS_TOML)
-        self.settings = DispatcherSettings.from_env(
-            environ={
-                "ES_REGIONS_FILE": str(regions),
-                "ES_DATABASE_URL": "memory://",
-                "ES_API_KEYS": "alice:key-a,bob:key-b",
-            }
-        )
-        self.store = MemoryStore()
-        self.clock = Clock()
-        app = create_dispatcher_app(
-            {"TESTING": True}, settings=self.settings, store=self.store, clock=self.clock
-        )
-        self.regions = app.extensions["dispatcher"].regions
-        self.client: FlaskClient = app.test_client()
+        super().__init__(tmp, REGIONS_TOML, now=T0)
 
     def submit(self, body: dict[str, Any], headers: dict[str, str] = ALICE) -> Any:
         return self.client.post("/jobs", json=body, headers=headers)

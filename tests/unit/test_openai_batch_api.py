@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask.testing import FlaskClient
+from dispatcher_app import ALICE, BOB, DispatcherApp
 
 from executor_service.dispatcher.api import create_dispatcher_app
 from executor_service.dispatcher.config import DispatcherSettings
-from executor_service.dispatcher.regions import Regions
 from executor_service.dispatcher.rules import ClaimRequest
 from executor_service.dispatcher.store.memory import MemoryStore
 
@@ -29,37 +28,11 @@ url = "http://127.0.0.1:9"
 concurrency = 10
 models = ["m1"]
 """
-ALICE = {"Authorization": "Bearer key-a"}
-BOB = {"Authorization": "Bearer key-b"}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Env:
+class Env(DispatcherApp):
     def __init__(self, tmp: Path) -> None:
-        regions = tmp / "regions.toml"
-        regions.write_text(REGIONS_TOML)
-        settings = DispatcherSettings.from_env(
-            environ={
-                "ES_REGIONS_FILE": str(regions),
-                "ES_DATABASE_URL": "memory://",
-                "ES_API_KEYS": "alice:key-a,bob:key-b",
-                "ES_MAX_JOB_EXECUTIONS": "50",
-            }
-        )
-        self.store = MemoryStore()
-        self.regions = Regions.load(regions)
-        self.clock = Clock()
-        app = create_dispatcher_app(
-            {"TESTING": True}, settings=settings, store=self.store, clock=self.clock
-        )
-        self.client: FlaskClient = app.test_client()
+        super().__init__(tmp, REGIONS_TOML, {"ES_MAX_JOB_EXECUTIONS": "50"})
 
     def upload(self, lines: list[Any], headers: dict[str, str] = ALICE) -> str:
         text = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
